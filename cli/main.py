@@ -1,0 +1,29 @@
+"""``merge``: the mergekit-lite command line."""
+
+from __future__ import annotations
+
+import typer
+
+from mergekit_lite.cli import run as run_cmd
+
+app = typer.Typer(
+    name="merge",
+    help="Merge, inspect and post-train language model checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("run")(run_cmd.run)
+
+
+@app.callback()
+def _root() -> None:
+    """Merge, inspect and post-train language model checkpoints."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
