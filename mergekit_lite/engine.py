@@ -102,15 +102,19 @@ def merge_tensor(
     plan: MergePlan, task: TensorTask, raw: list[torch.Tensor], device: torch.device
 ) -> torch.Tensor:
     """Merge one output tensor from its already-read inputs."""
-    xs = [x.to(device) for x in raw]
-    for i, x in enumerate(xs):
-        _check_finite(x, task, i)
+    # Convert in place, one input at a time, so each raw copy is freed as soon as its
+    # converted twin exists; the method receives (and may release) the list itself.
+    xs: list[torch.Tensor] = raw
+    for i in range(len(xs)):
+        xs[i] = xs[i].to(device)
+        _check_finite(xs[i], task, i)
     if not xs[0].is_floating_point():
         # integer buffers are copied, and must agree
         if any(not torch.equal(x, xs[0]) for x in xs[1:]):
             raise MergeError(task.name, "non-floating-point tensor differs between inputs")
         return xs[0]
-    xs = [x.to(plan.compute_dtype) for x in xs]
+    for i in range(len(xs)):
+        xs[i] = xs[i].to(plan.compute_dtype)
     per_input = {k: list(v) for k, v in task.per_input.items()}
 
     def rng(i: int) -> torch.Generator:
@@ -119,7 +123,9 @@ def merge_tensor(
         )
 
     try:
-        out = plan.method(xs, base_index=task.base_index, rng=rng, **task.shared, **per_input)
+        out = plan.method.consume(
+            xs, base_index=task.base_index, rng=rng, **task.shared, **per_input
+        )
     except ValueError as e:  # a method's own parameter check (e.g. DELLA epsilon)
         raise RecipeError(f"{plan.source}: parameters", f"{e} (tensor {task.name})") from e
     return out.to(task.out_dtype)

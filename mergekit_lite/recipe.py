@@ -180,7 +180,7 @@ class Recipe(_Frozen):
         if v is None:
             return None
         if v not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype {v!r}; use one of float32, float16, bfloat16")
+            raise ValueError(f"unknown dtype {v!r}; use one of float32, bfloat16, float16, float64")
         return DTYPE_ALIASES[v]
 
     @field_validator("tokenizer_source")
@@ -312,8 +312,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"str", "bool", "int", "float", "list[...]"} or (
-            isinstance(part, str) and (part.startswith("list[") or part.startswith("function-"))
+        elif isinstance(part, str) and (
+            "[" in part or part in _UNION_TAGS or part.startswith("function-")
         ):
             continue  # pydantic's union-branch labels are noise to a user
         else:
@@ -321,9 +321,15 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+_UNION_TAGS = {"str", "bool", "int", "float", "ConditionalParameter"}
+_SPECIFIC = {"extra_forbidden": 0, "value_error": 1, "missing": 2}
+
+
 def _validation_error_to_recipe_error(err: ValidationError, source: str) -> RecipeError:
-    # A union field reports one error per branch; the first is the most useful.
-    e = err.errors(include_url=False)[0]
+    # A value that fits none of a union's branches gets one error per branch: report
+    # the most specific one (an unknown key beats "should be a valid dictionary").
+    errors = err.errors(include_url=False)
+    e = min(errors, key=lambda x: (_SPECIFIC.get(x["type"], 9), -len(x["loc"])))
     loc = _format_loc(tuple(e["loc"]))
     msg = e["msg"]
     if e["type"] == "extra_forbidden":

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -69,16 +70,30 @@ def rescale_masked(
         assert keep_prob is not None
         return masked / keep_prob
     if norm == "l1":
-        before, after = delta.abs().sum(), masked.abs().sum()
+        before, after = _norm_sum(delta, 1), _norm_sum(masked, 1)
     elif norm == "l2":
-        before, after = delta.norm(), masked.norm()
+        before, after = _norm_sum(delta, 2) ** 0.5, _norm_sum(masked, 2) ** 0.5
     elif norm == "linf":
-        before, after = delta.abs().max(), masked.abs().max()
+        before, after = float(delta.abs().max()), float(masked.abs().max())
     else:
         raise ValueError(f"unknown rescale_norm {norm!r}")
     if before < _EPS or after < _EPS:
         return masked
     return masked * (before / after)
+
+
+def _norm_sum(x: torch.Tensor, p: int) -> float:
+    """sum |x|^p in float64, in an order that does not depend on the thread count.
+
+    torch's CPU reductions split work across threads, so a float32 ``sum()`` can
+    differ in its last bits between runs with different ``torch.get_num_threads()``;
+    numpy's pairwise summation is single-threaded and fixed.
+    """
+    if x.device.type == "cpu":
+        a = np.abs(x.detach().float().numpy()) if p == 1 else np.square(x.detach().float().numpy())
+        return float(a.sum(dtype=np.float64))
+    y = x.abs() if p == 1 else x.square()
+    return float(y.sum(dtype=torch.float64))
 
 
 def magnitude(
@@ -91,20 +106,31 @@ def magnitude(
 ) -> torch.Tensor:
     """Keep the ``k = max(1, int(density * n))`` largest ``|delta|`` (TIES' trim step).
 
-    Ties at the threshold are broken as ``torch.argsort(descending=True)`` breaks them,
-    which is what mergekit does, so outputs agree exactly.
+    Selection is by threshold (``kthvalue``), not a full sort: a quarter of the memory
+    and several times faster on large tensors. When entries tie at the threshold, the
+    earliest in memory order are kept, so the result is the same on every device.
+    (mergekit keeps whichever ``torch.argsort`` happens to put first, which is not
+    stable and can differ between devices; the results agree whenever the k-th
+    largest magnitude is unique, as it is for float32 weights in practice.)
     """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
+    n = delta.numel()
+    k = max(1, int(density * n))
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(w, descending=True)[:k]] = 1
-    return rescale_masked(delta, mask.reshape_as(delta), rescale_norm, density)
+    threshold = torch.kthvalue(w, n - k + 1).values  # the k-th largest magnitude
+    keep = w > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:  # fill up with entries equal to the threshold, earliest first
+        tied = torch.nonzero(w == threshold).reshape(-1)[:missing]
+        keep[tied] = True
+    del w
+    mask = keep.reshape(delta.shape).to(delta.dtype)
+    return rescale_masked(delta, mask, rescale_norm, density)
 
 
 def random_drop(

@@ -164,8 +164,9 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         return load_pickle_state_dict(info.file)[info.name].clone()
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
+    # torch.empty, not bytearray: no zero-fill pass before the read overwrites it
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()).cast("B")
     try:
         fd = os.open(info.file, os.O_RDONLY)
         try:
@@ -181,7 +182,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
             os.close(fd)
     except OSError as e:
         raise CheckpointError(str(info.file), f"cannot read tensor {info.name!r}: {e}") from e
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return buf.view(info.dtype).reshape(info.shape)
 
 
 # -- writing ----------------------------------------------------------------------------

@@ -159,12 +159,24 @@ class MethodSpec:
         rng: Callable[[int], torch.Generator] | None = None,
         **params: Any,
     ) -> torch.Tensor:
+        """Merge ``tensors``; parameters by YAML name, per-model ones as aligned lists."""
+        return self.consume(list(tensors), base_index=base_index, rng=rng, **params)
+
+    def consume(
+        self,
+        tensors: list[torch.Tensor],
+        *,
+        base_index: int | None,
+        rng: Callable[[int], torch.Generator] | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        """Like calling the spec, but hands ``tensors`` over: the method may set entries
+        to ``None`` once it no longer needs them, so the engine's peak memory stays low."""
         kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
         extra = {}
-        sig = inspect.signature(self.fn).parameters
-        if "rng" in sig:
+        if "rng" in inspect.signature(self.fn).parameters:
             extra["rng"] = rng
-        return self.fn(list(tensors), base_index=base_index, **self.fixed, **extra, **kwargs)
+        return self.fn(tensors, base_index=base_index, **self.fixed, **extra, **kwargs)
 
 
 _ENGINE_ARGS = {"base_index", "rng"}

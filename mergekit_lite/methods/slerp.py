@@ -16,7 +16,9 @@ rather than ``t * v1``; both agree whenever the norms are non-zero.
 NuSLERP (mergekit's "new" SLERP): two models with weights ``w0, w1`` interpolated at
 ``t = w1 / (w0 + w1)``; with a ``base_model``, their *task vectors* are interpolated and
 added to the base. ``nuslerp_flatten: true`` (default) uses one angle for the whole
-tensor, ``false`` one per row (``nuslerp_row_wise: true``) or per column.
+tensor; with ``false``, one angle per vector along the last dimension (each row of a
+weight matrix), or along the first dimension with ``nuslerp_row_wise: true``
+(mergekit's naming).
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ def task_vector_merge(
     deltas = base.new_empty((len(others), *base.shape))  # (n, ...)
     for k, i in enumerate(others):
         delta = tensors[i] - base
+        tensors[i] = None  # type: ignore[call-overload]  # free the input early
         if sparsify is not None:
             extra: dict[str, Any] = {}
             if gamma is not None:
@@ -126,11 +127,18 @@ def task_vector_merge(
         mask = sign_consensus_mask(
             deltas, election, unweighted, torch.int8 if int8_mask else base.dtype
         )
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        del unweighted
+        deltas.mul_(mask)  # in place: (n, ...) is the largest buffer here
+        mixed = deltas.sum(dim=0)
+        del deltas
+        divisor = torch.zeros_like(mixed)
+        for k in range(len(others)):
+            divisor.add_(mask[k], alpha=float(w[k].reshape(-1)[0]))
+        del mask
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
+        del deltas
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
