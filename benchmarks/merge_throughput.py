@@ -4,8 +4,9 @@ Builds synthetic Llama-architecture checkpoints (a base and two variants; defaul
 shapes of SmolLM2-135M, 135M parameters in bfloat16, ``--size 360m`` or ``1.7b`` for
 larger), then for each method runs ``merge run --json`` in a fresh process and records
 wall time, bytes moved, GB/s and the process's peak RSS. The *floor* is the same files
-read tensor by tensor with ``safetensors.safe_open`` and one output written with
-``safetensors.torch.save_file``, no math, also in a fresh process.
+read tensor by tensor with ``safetensors.safe_open`` (copied into process memory) and
+one output written with ``safetensors.torch.save_file``, no math, also in a fresh
+process. ``wall s`` includes interpreter start-up and ``import torch`` for both.
 
 Every run reads files that are in the page cache (a warm-up pass reads them first), so
 the figures are CPU- and memory-bound, which is what the engine controls.
@@ -66,7 +67,9 @@ FLOOR = textwrap.dedent(
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
-                    t = st.get_tensor(name)
+                    # clone: get_tensor may hand out a lazy view of the mmap; a merge has
+                    # to bring the bytes into memory, so the floor must too
+                    t = st.get_tensor(name).clone()
                     nread += t.numel() * t.element_size()
                     if i == 0:
                         first[name] = t

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergekit_lite.errors import MergeError, RecipeError
@@ -90,9 +91,9 @@ def tensor_seed(seed: int, tensor: str, input_index: int) -> int:
 def _check_finite(x: torch.Tensor, task: TensorTask, i: int) -> None:
     if not x.is_floating_point():
         return
-    # One cheap reduction; a non-finite sum is confirmed element-wise (it can also
-    # mean a finite overflow).
-    if torch.isfinite(x.sum(dtype=torch.float32)) or bool(torch.isfinite(x).all()):
+    # One cheap reduction in the tensor's own dtype; a non-finite sum is confirmed
+    # element-wise (it can also be a finite overflow).
+    if torch.isfinite(x.sum()) or bool(torch.isfinite(x).all()):
         return
     info = task.inputs[i]
     raise MergeError(str(info.file), f"tensor {info.name!r} contains NaN or Inf values")
@@ -113,18 +114,20 @@ def merge_tensor(
         if any(not torch.equal(x, xs[0]) for x in xs[1:]):
             raise MergeError(task.name, "non-floating-point tensor differs between inputs")
         return xs[0]
-    for i in range(len(xs)):
-        xs[i] = xs[i].to(plan.compute_dtype)
+    dtype_arg: dict[str, torch.dtype] = {}
+    if plan.method.casts_inputs:
+        dtype_arg["dtype"] = plan.compute_dtype  # converted chunk by chunk by the method
+    else:
+        for i in range(len(xs)):
+            xs[i] = xs[i].to(plan.compute_dtype)
     per_input = {k: list(v) for k, v in task.per_input.items()}
 
-    def rng(i: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(
-            tensor_seed(plan.recipe.seed, task.name, i)
-        )
+    def rng(i: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(tensor_seed(plan.recipe.seed, task.name, i)))
 
     try:
         out = plan.method.consume(
-            xs, base_index=task.base_index, rng=rng, **task.shared, **per_input
+            xs, base_index=task.base_index, rng=rng, **dtype_arg, **task.shared, **per_input
         )
     except ValueError as e:  # a method's own parameter check (e.g. DELLA epsilon)
         raise RecipeError(f"{plan.source}: parameters", f"{e} (tensor {task.name})") from e

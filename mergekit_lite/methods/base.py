@@ -14,7 +14,10 @@ schema (mergekit's ``easy_define`` idea)::
   ``ranges={"t": Range(0, 1)}`` the numeric range. A trailing underscore maps a Python
   keyword to its YAML name (``lambda_`` -> ``lambda``).
 * ``base_index`` (position of the base model in ``tensors``, or None) and ``rng``
-  (``rng(i)`` -> a seeded ``torch.Generator`` for input ``i``) are supplied by the engine.
+  (``rng(i)`` -> a seeded ``numpy.random.Generator`` for input ``i``) are supplied by the
+  engine. A method that declares ``dtype`` receives its inputs as stored (any float
+  dtype) and computes in ``dtype`` itself, typically chunk by chunk; the others receive
+  inputs already converted to the compute dtype.
 
 The decorator only attaches a :class:`MethodSpec`; registration happens in one visible
 place, :mod:`mergekit_lite.methods.registry`.
@@ -156,30 +159,42 @@ class MethodSpec:
         tensors: Sequence[torch.Tensor],
         *,
         base_index: int | None,
-        rng: Callable[[int], torch.Generator] | None = None,
+        rng: Callable[[int], Any] | None = None,
+        dtype: torch.dtype | None = None,
         **params: Any,
     ) -> torch.Tensor:
         """Merge ``tensors``; parameters by YAML name, per-model ones as aligned lists."""
-        return self.consume(list(tensors), base_index=base_index, rng=rng, **params)
+        return self.consume(list(tensors), base_index=base_index, rng=rng, dtype=dtype, **params)
 
     def consume(
         self,
         tensors: list[torch.Tensor],
         *,
         base_index: int | None,
-        rng: Callable[[int], torch.Generator] | None = None,
+        rng: Callable[[int], Any] | None = None,
+        dtype: torch.dtype | None = None,
         **params: Any,
     ) -> torch.Tensor:
         """Like calling the spec, but hands ``tensors`` over: the method may set entries
         to ``None`` once it no longer needs them, so the engine's peak memory stays low."""
         kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
-        extra = {}
+        extra: dict[str, Any] = {}
         if "rng" in inspect.signature(self.fn).parameters:
             extra["rng"] = rng
+        if dtype is not None:
+            if not self.casts_inputs:
+                raise TypeError(f"{self.name} computes in its inputs' dtype; cast them first")
+            extra["dtype"] = dtype
         return self.fn(tensors, base_index=base_index, **self.fixed, **extra, **kwargs)
 
+    @property
+    def casts_inputs(self) -> bool:
+        """True if the method takes inputs of any float dtype and a ``dtype`` to compute
+        in (it then converts chunk by chunk instead of the engine converting up front)."""
+        return "dtype" in inspect.signature(self.fn).parameters
 
-_ENGINE_ARGS = {"base_index", "rng"}
+
+_ENGINE_ARGS = {"base_index", "rng", "dtype"}
 
 
 def params_from_signature(

@@ -41,46 +41,61 @@ Where mergekit and the papers differ, mergekit is the default and the paper is a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from mergekit_lite.methods.base import REQUIRED, MethodSpec, ParamSpec, Range, Scope
-from mergekit_lite.sparsify import SPARSIFIERS
+from mergekit_lite.sparsify import CHUNK, SELECTORS, norm_ratio
 
-def sign_consensus_mask(
-    weighted: torch.Tensor,
-    election: str,
-    unweighted: torch.Tensor | None = None,
-    mask_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """``m_i = [sign(g_i) == elected sign]``, zero entries never agree (TIES step 2).
 
-    ``weighted``: (n, ...) stacked ``w_i * delta_i'``. ``election`` is ``weighted``
-    (sign of sum of weighted), ``unweighted`` (sign of sum of ``unweighted``) or ``count``.
-    A tie (sum exactly 0) elects ``+``, as mergekit does.
-    """
-    dtype = mask_dtype or weighted.dtype
-    sign = weighted.sign().to(dtype)
-    if election == "weighted":
-        votes = weighted.sum(dim=0)
-    elif election == "unweighted":
-        assert unweighted is not None
-        votes = unweighted.sum(dim=0)
-    elif election == "count":
-        votes = sign.sum(dim=0)
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def _sparsify_plan(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    sparsifier: str,
+    dtype: torch.dtype,
+    density: float,
+    rescale: bool,
+    rescale_norm: str,
+    generator: Any,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor | None, float, Any]:
+    """Phase 1 for one model: its flat keep-mask, a factor to multiply the survivors by
+    (norm matching), and a value, scalar or per-entry, to divide them by (``inverse_p``)."""
+    if density >= 1:
+        return None, 1.0, None
+    select, needs_delta = SELECTORS[sparsifier]
+    if needs_delta:  # thresholds, sorts and ranks need the whole task vector
+        delta = x.to(dtype) - base.to(dtype)
+        keep, prob = select(delta, density=density, generator=generator, **extra)
+        del delta
     else:
-        raise ValueError(f"unknown election {election!r}")
-    elected = (votes >= 0).to(dtype) * 2 - 1
-    return sign == elected
+        keep, prob = select(x.shape, density=density, generator=generator, device=x.device)
+    keep = keep.reshape(-1)
+    if isinstance(prob, torch.Tensor):
+        prob = prob.reshape(-1).to(dtype)
+    if not rescale:
+        return keep, 1.0, None
+    if rescale_norm == "inverse_p":
+        return keep, 1.0, prob
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    pieces = ((xf[s].to(dtype) - bf[s].to(dtype), keep[s]) for s in _chunks(xf.numel()))
+    return keep, norm_ratio(pieces, rescale_norm), None  # type: ignore[arg-type]
 
 
 def task_vector_merge(
     tensors: list[torch.Tensor],
     *,
     base_index: int | None,
-    rng: Callable[[int], torch.Generator] | None = None,
+    dtype: torch.dtype = torch.float32,
+    rng: Callable[[int], Any] | None = None,
     sparsifier: str | None,
     consensus: bool,
     weight: list[float | None],
@@ -88,64 +103,101 @@ def task_vector_merge(
     normalize: bool,
     rescale: bool,
     lambda_: float = 1.0,
-    int8_mask: bool = False,
+    int8_mask: bool = False,  # accepted for mergekit recipes; masks here are always boolean
     election: str = "weighted",
     rescale_norm: str = "l1",
     gamma: list[float | None] | None = None,
     epsilon: list[float | None] | None = None,
 ) -> torch.Tensor:
+    """Inputs may be in any float dtype; the arithmetic is done in ``dtype``.
+
+    Phase 1 decides, per model, which task-vector entries survive (whole-tensor
+    statistics: thresholds, norms, ranks). Phase 2 is element-wise and runs in
+    cache-sized chunks, so no (n, ...) temporaries are ever materialized; per element
+    it performs mergekit's operations in mergekit's order (same rounding).
+    """
     assert base_index is not None
-    base = tensors[base_index]
+    base_raw = tensors[base_index]
     others = [i for i in range(len(tensors)) if i != base_index]
     if not others:
-        return base
-    sparsify = SPARSIFIERS[sparsifier] if sparsifier else None
-    deltas = base.new_empty((len(others), *base.shape))  # (n, ...)
-    for k, i in enumerate(others):
-        delta = tensors[i] - base
-        tensors[i] = None  # type: ignore[call-overload]  # free the input early
-        if sparsify is not None:
-            extra: dict[str, Any] = {}
-            if gamma is not None:
-                extra["gamma"] = gamma[i]
-            if epsilon is not None:
-                extra["epsilon"] = epsilon[i]
-            delta = sparsify(
-                delta,
-                density=density[i],
-                rescale_norm=rescale_norm if rescale else None,
+        return base_raw.to(dtype)
+    plans = []
+    for i in others:
+        if sparsifier is None:
+            plans.append((None, 1.0, None))
+            continue
+        extra: dict[str, Any] = {}
+        if gamma is not None:
+            extra["gamma"] = gamma[i]
+        if epsilon is not None:
+            extra["epsilon"] = epsilon[i]
+        plans.append(
+            _sparsify_plan(
+                tensors[i],
+                base_raw,
+                sparsifier=sparsifier,
+                dtype=dtype,
+                density=float(density[i]),  # type: ignore[arg-type]
+                rescale=rescale,
+                rescale_norm=rescale_norm,
                 generator=rng(i) if rng is not None else None,
-                **extra,
+                extra=extra,
             )
-        deltas[k] = delta
-        del delta
-    w = torch.tensor([weight[i] for i in others], dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *([1] * base.dim()))  # (n, 1, ..., 1)
-    unweighted = deltas.clone() if consensus and election == "unweighted" else None
-    deltas.mul_(w)
-    if consensus:
-        mask = sign_consensus_mask(
-            deltas, election, unweighted, torch.int8 if int8_mask else base.dtype
         )
-        del unweighted
-        deltas.mul_(mask)  # in place: (n, ...) is the largest buffer here
-        mixed = deltas.sum(dim=0)
-        del deltas
-        divisor = torch.zeros_like(mixed)
-        for k in range(len(others)):
-            divisor.add_(mask[k], alpha=float(w[k].reshape(-1)[0]))
-        del mask
-        divisor[divisor == 0] = 1
+    base = base_raw.reshape(-1)
+    flat = [tensors[i].reshape(-1) for i in others]
+    w = torch.tensor([weight[i] for i in others], dtype=dtype, device=base.device)
+    w = w.reshape(-1, 1)  # (n, 1)
+    out = torch.empty(base.numel(), dtype=dtype, device=base.device)
+    for sl in _chunks(base.numel()):
+        b = base[sl].to(dtype)
+        rows = []
+        for x, (keep, factor, div) in zip(flat, plans):
+            d = x[sl].to(dtype) - b  # delta_i = theta_i - theta_base
+            if keep is not None:
+                d = torch.where(keep[sl], d, 0)
+                if factor != 1.0:
+                    d.mul_(factor)
+                if div is not None:
+                    d.div_(div[sl] if isinstance(div, torch.Tensor) else div)
+            rows.append(d)
+        deltas = torch.stack(rows)  # (n, chunk)
+        weighted = deltas * w
+        if consensus:
+            mask = _agreement(weighted, deltas, election)
+            mixed = (weighted * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[sl] = b + mixed
+    return out.reshape(base_raw.shape)
+
+
+def _agreement(weighted: torch.Tensor, deltas: torch.Tensor, election: str) -> torch.Tensor:
+    """TIES step 2: ``m_i = [sign(w_i delta_i) == elected sign]`` for (n, chunk) inputs.
+
+    ``weighted``: sign of sum_i w_i delta_i (mergekit); ``unweighted``: sign of
+    sum_i delta_i (Yadav et al.); ``count``: the majority of the signs. A tie (sum
+    exactly 0) elects ``+``; zero entries never agree, as in mergekit.
+    """
+    sign = weighted.sign()
+    if election == "weighted":
+        votes = weighted.sum(dim=0)
+    elif election == "unweighted":
+        votes = deltas.sum(dim=0)
+    elif election == "count":
+        votes = sign.sum(dim=0)
     else:
-        mixed = deltas.sum(dim=0)
-        del deltas
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return (base + mixed).to(base.dtype)
+        raise ValueError(f"unknown election {election!r}")
+    elected = (votes >= 0).to(sign.dtype) * 2 - 1
+    return sign == elected
 
 
 _DENSITY = Range(0, 1, low_open=True)
