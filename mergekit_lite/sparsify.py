@@ -85,37 +85,65 @@ def sum64(x: torch.Tensor) -> float:
     return float(x.sum(dtype=torch.float64))
 
 
-# -- selectors: (delta, density, ...) -> (keep mask, keep probability) ------------------------
+# -- selectors: (|delta|, density, ...) -> (keep mask, keep probability) ------------------------
+
+_SAMPLE = 1 << 16
+
+
+def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest value of the flat tensor ``w`` (1 <= k <= n).
+
+    ``torch.kthvalue`` over tens of millions of entries is slow; instead a fixed
+    pseudo-random sample brackets the answer, one comparison pass counts what lies
+    above the bracket, and ``kthvalue`` runs on the few entries inside it. Falls back
+    to the full ``kthvalue`` if the bracket misses (then still exact, only slower).
+    """
+    n = w.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(w, n - k + 1).values
+    idx = torch.randint(0, n, (_SAMPLE,), generator=torch.Generator().manual_seed(0))
+    sample = w[idx.to(w.device)].sort().values
+    q = (n - k) / n  # fraction of entries below the answer
+    margin = 6 * (_SAMPLE * q * (1 - q)) ** 0.5 + 64
+    lo = sample[max(0, int(q * _SAMPLE - margin))]
+    hi = sample[min(_SAMPLE - 1, int(q * _SAMPLE + margin))]
+    above = int(torch.count_nonzero(w > hi))
+    inside = (w >= lo) & (w <= hi)
+    band = w[inside]
+    rank = n - k - (n - above - band.numel())  # 0-based rank of the answer within band
+    if above >= k or not 0 <= rank < band.numel():
+        return torch.kthvalue(w, n - k + 1).values
+    return torch.kthvalue(band, rank + 1).values
 
 
 def keep_magnitude(
-    delta: torch.Tensor, *, density: float, **_: object
+    magnitude: torch.Tensor, *, density: float, **_: object
 ) -> tuple[torch.Tensor, float]:
     """The ``k = max(1, int(density * n))`` largest ``|delta|``, by threshold.
 
-    ``kthvalue`` instead of a full sort: a quarter of the memory and several times
-    faster on large tensors. When entries tie at the threshold, the earliest in memory
+    A threshold (:func:`kth_largest`) instead of a full sort: a quarter of the memory
+    and an order of magnitude faster on large tensors. When entries tie at the threshold, the earliest in memory
     order are kept, so the result is the same on every device. (mergekit keeps
     whichever ``torch.argsort`` happens to put first, which is not stable and can
     differ between devices; the results agree whenever the k-th largest magnitude is
     unique, as it is for float32 weights in practice.)
     """
-    n = delta.numel()
+    n = magnitude.numel()
     if density >= 1:
-        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device), 1.0
+        return torch.ones(magnitude.shape, dtype=torch.bool, device=magnitude.device), 1.0
     if density <= 0 or n == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device), 1.0
+        return torch.zeros(magnitude.shape, dtype=torch.bool, device=magnitude.device), 1.0
     k = max(1, int(density * n))
-    w = delta.abs().reshape(-1)
+    w = magnitude.reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    threshold = torch.kthvalue(w, n - k + 1).values  # the k-th largest magnitude
+    threshold = kth_largest(w, k)
     keep = w > threshold
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))
     if missing > 0:  # fill up with entries equal to the threshold, earliest first
         tied = torch.nonzero(w == threshold).reshape(-1)[:missing]
         keep[tied] = True
-    return keep.reshape(delta.shape), density
+    return keep.reshape(magnitude.shape), density
 
 
 def keep_random(
@@ -134,26 +162,26 @@ def keep_random(
 
 
 def keep_outliers(
-    delta: torch.Tensor, *, density: float, gamma: float = 0.01, **_: object
+    magnitude: torch.Tensor, *, density: float, gamma: float = 0.01, **_: object
 ) -> tuple[torch.Tensor, float]:
     """Breadcrumbs: remove the top ``gamma`` fraction by magnitude (outliers), then the
     smallest entries, keeping ``int(density * n)`` entries. When ``density + gamma > 1``
     fewer outliers are removed so that the density holds (mergekit 0.1.5's rule)."""
-    n = delta.numel()
+    n = magnitude.numel()
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)
-    w = delta.abs().reshape(-1)
+    w = magnitude.reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
     order = torch.sort(w, descending=False).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
     keep[order[n_bottom : n_bottom + target]] = True
-    return keep.reshape(delta.shape), density
+    return keep.reshape(magnitude.shape), density
 
 
 def keep_della(
-    delta: torch.Tensor,
+    magnitude: torch.Tensor,
     *,
     density: float,
     epsilon: float = 0.15,
@@ -166,21 +194,23 @@ def keep_della(
     keeps it with probability ``density``. Returns the mask and the ``p_i``."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("epsilon must keep density +/- epsilon inside (0, 1)")
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float() + 1
+    rows = (
+        magnitude.unsqueeze(0) if magnitude.dim() < 2 else magnitude.reshape(magnitude.shape[0], -1)
+    )
+    ranks = torch.argsort(torch.argsort(rows, dim=1), dim=1).float() + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     span = hi - lo
     rank_norm = torch.where(span > 0, (ranks - lo) / span.clamp(min=1), 0.5).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon  # float32
     keep = _uniform(probs.numel(), generator, probs.device).reshape(probs.shape) < probs
-    return keep.reshape(delta.shape), probs.reshape(delta.shape)
+    return keep.reshape(magnitude.shape), probs.reshape(magnitude.shape)
 
 
 Selector = Callable[..., tuple[torch.Tensor, "float | torch.Tensor"]]
 
 #: The one registry of sparsifiers, by the names mergekit uses, and whether the
-#: selector needs the task vector itself (DARE's random drop does not).
+#: selector needs the task vector's magnitudes (DARE's random drop does not).
 SELECTORS: dict[str, tuple[Selector, bool]] = {
     "magnitude": (keep_magnitude, True),
     "random": (keep_random, False),
@@ -251,7 +281,7 @@ def magnitude(
     """TIES' trim step: keep the top ``density`` fraction by magnitude."""
     if density >= 1:
         return delta
-    keep, p = keep_magnitude(delta, density=density)
+    keep, p = keep_magnitude(delta.abs(), density=density)
     return rescale_masked(delta, keep, rescale_norm, p)
 
 
@@ -282,7 +312,7 @@ def magnitude_outliers(
     """Breadcrumbs: drop outliers and the smallest entries."""
     if density >= 1:
         return delta
-    keep, p = keep_outliers(delta, density=density, gamma=gamma)
+    keep, p = keep_outliers(delta.abs(), density=density, gamma=gamma)
     return rescale_masked(delta, keep, rescale_norm, p)
 
 
@@ -300,5 +330,7 @@ def della_magprune(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    keep, probs = keep_della(delta, density=density, epsilon=epsilon, generator=generator)
+    keep, probs = keep_della(
+        delta.abs(), density=density, epsilon=epsilon, generator=generator
+    )
     return rescale_masked(delta, keep, rescale_norm, probs.to(delta.dtype))

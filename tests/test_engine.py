@@ -291,3 +291,52 @@ def test_json_summary(qwen_family: dict[str, Path], tmp_path: Path) -> None:
         t.numel() * 4 for t in load_weights(qwen_family["base"]).values()
     )
     assert summary["peak_rss_bytes"] > 0 and "model.safetensors" in summary["files"]
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(
+    qwen_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub repo id (with @revision) is found in the Hugging Face cache, no network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name, key in (("tiny-base", "base"), ("tiny-sft", "ft0")):
+        repo = cache / f"models--test-org--{name}"
+        shutil.copytree(qwen_family[key], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "test-org/tiny-base",
+            "models": [{"model": "test-org/tiny-sft@main", "parameters": {"weight": 0.5}}],
+            "dtype": "float32",
+        },
+    )
+    out = tmp_path / "merged"
+    result = run_cli("run", recipe, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    merged, base, sft = (load_weights(p) for p in (out, qwen_family["base"], qwen_family["ft0"]))
+    key = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[key], base[key] + 0.5 * (sft[key] - base[key]))
+    assert "test-org/tiny-base" in (out / "README.md").read_text()
+
+    missing = write_recipe(
+        tmp_path / "m.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "test-org/tiny-base",
+            "models": [{"model": "test-org/not-cached", "parameters": {"weight": 0.5}}],
+        },
+    )
+    result = run_cli("run", missing, "-o", tmp_path / "never")
+    assert result.exit_code == 2
+    assert "test-org/not-cached" in result.stderr and "Hugging Face Hub" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

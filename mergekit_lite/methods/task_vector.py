@@ -68,14 +68,20 @@ def _sparsify_plan(
     extra: dict[str, Any],
 ) -> tuple[torch.Tensor | None, float, Any]:
     """Phase 1 for one model: its flat keep-mask, a factor to multiply the survivors by
-    (norm matching), and a value, scalar or per-entry, to divide them by (``inverse_p``)."""
+    (norm matching), and a value, scalar or per-entry, to divide them by (``inverse_p``).
+    ``base`` is already in ``dtype``."""
     if density >= 1:
         return None, 1.0, None
-    select, needs_delta = SELECTORS[sparsifier]
-    if needs_delta:  # thresholds, sorts and ranks need the whole task vector
-        delta = x.to(dtype) - base.to(dtype)
-        keep, prob = select(delta, density=density, generator=generator, **extra)
-        del delta
+    select, needs_magnitude = SELECTORS[sparsifier]
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    if needs_magnitude:  # thresholds, sorts and ranks see the whole |task vector|
+        magnitude = torch.empty(xf.numel(), dtype=dtype, device=x.device)
+        for s in _chunks(xf.numel()):
+            torch.sub(xf[s].to(dtype), bf[s], out=magnitude[s]).abs_()
+        keep, prob = select(
+            magnitude.reshape(x.shape), density=density, generator=generator, **extra
+        )
+        del magnitude
     else:
         keep, prob = select(x.shape, density=density, generator=generator, device=x.device)
     keep = keep.reshape(-1)
@@ -85,8 +91,7 @@ def _sparsify_plan(
         return keep, 1.0, None
     if rescale_norm == "inverse_p":
         return keep, 1.0, prob
-    xf, bf = x.reshape(-1), base.reshape(-1)
-    pieces = ((xf[s].to(dtype) - bf[s].to(dtype), keep[s]) for s in _chunks(xf.numel()))
+    pieces = ((xf[s].to(dtype) - bf[s], keep[s]) for s in _chunks(xf.numel()))
     return keep, norm_ratio(pieces, rescale_norm), None  # type: ignore[arg-type]
 
 
@@ -117,10 +122,10 @@ def task_vector_merge(
     it performs mergekit's operations in mergekit's order (same rounding).
     """
     assert base_index is not None
-    base_raw = tensors[base_index]
+    base_raw = tensors[base_index].to(dtype)
     others = [i for i in range(len(tensors)) if i != base_index]
     if not others:
-        return base_raw.to(dtype)
+        return base_raw
     plans = []
     for i in others:
         if sparsifier is None:
@@ -150,7 +155,7 @@ def task_vector_merge(
     w = w.reshape(-1, 1)  # (n, 1)
     out = torch.empty(base.numel(), dtype=dtype, device=base.device)
     for sl in _chunks(base.numel()):
-        b = base[sl].to(dtype)
+        b = base[sl]
         rows = []
         for x, (keep, factor, div) in zip(flat, plans):
             d = x[sl].to(dtype) - b  # delta_i = theta_i - theta_base
