@@ -151,7 +151,9 @@ def run_json(cmd: list[str]) -> tuple[dict, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", choices=sorted(SIZES), default="135m")
     ap.add_argument("--methods", default="linear,slerp,ties,dare_ties")
     ap.add_argument("--repeat", type=int, default=3, help="runs per method; the best is kept")
@@ -175,7 +177,7 @@ def main() -> None:
         recipe = args.workdir / f"{method}.yaml"
         weighted = "\n".join(
             f"  - model: {p}\n    parameters: {{weight: {w}}}"
-            for p, w in zip(paths.values(), (0.2, 0.3, 0.5))
+            for p, w in zip(paths.values(), (0.2, 0.3, 0.5), strict=True)
         )
         recipe.write_text(
             RECIPES[method].format(
@@ -185,13 +187,16 @@ def main() -> None:
         out = args.workdir / "out" / method
         runs = []
         for _ in range(args.repeat):
-            runs.append(run_json([merge, "run", str(recipe), "-o", str(out), "--overwrite", "--json"]))
+            runs.append(
+                run_json([merge, "run", str(recipe), "-o", str(out), "--overwrite", "--json"])
+            )
         rows.append((method, min(runs, key=lambda r: r[1])))
 
     cpu = platform.processor() or platform.machine()
     print(
-        f"\nmerge throughput: synthetic Llama {args.size} bf16 ({model_bytes / 1e6:.0f} MB per model,"
-        f" 3 inputs), torch {torch.__version__}, {os.cpu_count()} CPU cores ({cpu}), best of {args.repeat}\n"
+        f"\nmerge throughput: synthetic Llama {args.size} bf16 "
+        f"({model_bytes / 1e6:.0f} MB per model, 3 inputs), torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU cores ({cpu}), best of {args.repeat}\n"
     )
     print("| run | wall s | merge s | GB moved | GB/s (wall) | peak RSS GB | x floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -6,12 +6,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-
 from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
+from rich.table import Table
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_RECIPES = ("sft_dpo_task_arithmetic", "ties", "dare_ties", "slerp", "model_stock")
@@ -72,7 +71,7 @@ def demo(
             table.add_column(col)
         with _cwd(workdir):
             tok = AutoTokenizer.from_pretrained("ckpt/base")
-            prompt = tok.apply_chat_template(
+            prompt: Any = tok.apply_chat_template(
                 [{"role": "user", "content": "w1 w2 w3"}],
                 add_generation_prompt=True,
                 return_tensors="pt",
@@ -90,7 +89,7 @@ def demo(
                 model = AutoModelForCausalLM.from_pretrained(result.output)
                 with torch.no_grad():
                     ids = model.generate(**prompt, max_new_tokens=6, do_sample=False)
-                new = tok.decode(ids[0, prompt["input_ids"].shape[1] :])
+                new = str(tok.decode(ids[0, prompt["input_ids"].shape[1] :]))
                 table.add_row(
                     name,
                     result.plan.method.name,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from mergekit_lite.cli import demo as demo_cmd
 from mergekit_lite.cli import run as run_cmd
 

@@ -7,18 +7,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from mergekit_lite.cli._common import (
+    Device,
+    Verbose,
+    err,
+    out,
+    parse_size,
+    setup_logging,
+    user_errors,
+)
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
-
-from mergekit_lite.cli._common import Device, Verbose, err, out, parse_size, setup_logging, user_errors
 
 
 def run(
@@ -79,20 +85,19 @@ def run(
 
         assert target is not None
         with Progress(
-            TextColumn("[bold]merging"),
+            TextColumn("[bold]merging[/] {task.fields[tensors]} tensors"),
             BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tensors"),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=err,
             transient=True,
         ) as bar:
-            job = bar.add_task("merge", total=plan.bytes_to_read)
+            n_tasks = len(plan.tasks)
+            job = bar.add_task("merge", total=plan.bytes_to_read, tensors=f"0/{n_tasks}")
 
             def progress(done: int, total: int, bytes_read: int) -> None:
-                bar.update(job, completed=bytes_read)
+                bar.update(job, completed=bytes_read, tensors=f"{done}/{total}")
 
             result = run_merge(
                 parsed,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,21 +115,18 @@ def merge_tensor(
         if any(not torch.equal(x, xs[0]) for x in xs[1:]):
             raise MergeError(task.name, "non-floating-point tensor differs between inputs")
         return xs[0]
-    dtype_arg: dict[str, torch.dtype] = {}
+    kwargs: dict[str, Any] = {**task.shared, **{k: list(v) for k, v in task.per_input.items()}}
     if plan.method.casts_inputs:
-        dtype_arg["dtype"] = plan.compute_dtype  # converted chunk by chunk by the method
+        kwargs["dtype"] = plan.compute_dtype  # converted chunk by chunk by the method
     else:
         for i in range(len(xs)):
             xs[i] = xs[i].to(plan.compute_dtype)
-    per_input = {k: list(v) for k, v in task.per_input.items()}
 
     def rng(i: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(tensor_seed(plan.recipe.seed, task.name, i)))
 
     try:
-        out = plan.method.consume(
-            xs, base_index=task.base_index, rng=rng, **dtype_arg, **task.shared, **per_input
-        )
+        out = plan.method.consume(xs, base_index=task.base_index, rng=rng, **kwargs)
     except ValueError as e:  # a method's own parameter check (e.g. DELLA epsilon)
         raise RecipeError(f"{plan.source}: parameters", f"{e} (tensor {task.name})") from e
     return out.to(task.out_dtype)
@@ -308,6 +306,7 @@ class InMemoryMerger:
     def merge(self, recipe: Recipe, *, source: str = "recipe") -> dict[str, torch.Tensor]:
         plan = self.plan(recipe, source=source)
         result: dict[str, torch.Tensor] = {}
+
         def keep(name: str, tensor: torch.Tensor) -> None:
             # a method may return an input unchanged: never hand out the cache itself
             if tensor.untyped_storage().data_ptr() in self._storages:

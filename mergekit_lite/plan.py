@@ -33,7 +33,9 @@ from mergekit_lite.recipe import ParameterSetting, Recipe, evaluate_setting, set
 
 __all__ = ["TensorTask", "MergePlan", "check_recipe", "build_plan", "LayerLayout"]
 
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_RE = re.compile(
+    r"^(?P<prefix>(?:[^.]+\.)*?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$"
+)
 _PRE_HINTS = ("embed", "wte.", "wpe.")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -112,8 +114,10 @@ def check_recipe(recipe: Recipe, *, source: str = "recipe") -> MethodSpec:
                 spec.coerce(leaf)
             except ValueError as e:
                 raise RecipeError(where, f"{name} {e}") from None
-    if method.base == "required" and not recipe.base_model and not any(
-        s.base_model for s in recipe.slices or []
+    if (
+        method.base == "required"
+        and not recipe.base_model
+        and not any(s.base_model for s in recipe.slices or [])
     ):
         raise RecipeError(f"{source}: base_model", f"{method.name} needs a base_model")
     if method.base == "ignored" and method.name == "passthrough" and recipe.models:
@@ -247,7 +251,9 @@ def _normalize_slices(
     ]
     if recipe.base_model and recipe.base_model not in {s.model for s in sources}:
         sources.append(
-            _Source(recipe.base_model, (0, layouts[recipe.base_model].num_layers), None, "base_model")
+            _Source(
+                recipe.base_model, (0, layouts[recipe.base_model].num_layers), None, "base_model"
+            )
         )
     counts = {s.model: s.layer_range[1] for s in sources}
     if len(set(counts.values())) > 1:
@@ -339,7 +345,9 @@ def build_plan(
                     f"{list(s.layer_range)} is past the end of {s.model!r}, which has {n} layers",
                 )
     bases = [sl.base_model or recipe.base_model for sl in slices]
-    base_indices = [_check_contract(method, sl, b, source) for sl, b in zip(slices, bases)]
+    base_indices = [
+        _check_contract(method, sl, b, source) for sl, b in zip(slices, bases, strict=True)
+    ]
 
     reference = recipe.base_model or slices[0].sources[0].model
     ref_ckpt = checkpoints[reference]
@@ -357,7 +365,7 @@ def build_plan(
         layer: int | None,
     ) -> None:
         infos: list[TensorInfo] = []
-        for s, name in zip(sl.sources, input_names):
+        for s, name in zip(sl.sources, input_names, strict=True):
             info = _find_input(checkpoints[s.model], name, layouts[s.model])
             if info is None:
                 raise MergeError(
@@ -366,7 +374,9 @@ def build_plan(
             infos.append(info)
         shapes = {i.shape for i in infos}
         if len(shapes) > 1:
-            desc = ", ".join(f"{s.model}: {list(i.shape)}" for s, i in zip(sl.sources, infos))
+            desc = ", ".join(
+                f"{s.model}: {list(i.shape)}" for s, i in zip(sl.sources, infos, strict=True)
+            )
             raise MergeError(out_name, f"input shapes disagree ({desc})")
         shared = {}
         per_input: dict[str, tuple[Any, ...]] = {}
@@ -374,8 +384,8 @@ def build_plan(
             if spec.scope is Scope.SHARED:
                 shared[spec.name] = resolver.value(spec, sl, out_name, t, None, sl.key)
             else:
-                values = []
-                for idx, (s, name) in enumerate(zip(sl.sources, input_names)):
+                values: list[Any] = []
+                for idx, (s, name) in enumerate(zip(sl.sources, input_names, strict=True)):
                     if spec.scope is Scope.NON_BASE and idx == base_index:
                         values.append(None)
                     else:
@@ -412,7 +422,7 @@ def build_plan(
 
     out_layer = 0
     layer_types: list[Any] = []
-    for sl, base_index in zip(slices, base_indices):
+    for sl, base_index in zip(slices, base_indices, strict=True):
         lead = sl.sources[base_index if base_index is not None else 0]
         n = lead.layer_range[1] - lead.layer_range[0]
         for idx in range(n):
@@ -461,7 +471,7 @@ def _check_joint(
 ) -> None:
     """Constraints between parameters that single-value ranges cannot express."""
     if "epsilon" in per_input:
-        for s, d, e in zip(sl.sources, per_input["density"], per_input["epsilon"]):
+        for s, d, e in zip(sl.sources, per_input["density"], per_input["epsilon"], strict=True):
             if d is not None and d < 1 and not (0 < d - e and d + e < 1):
                 raise RecipeError(
                     f"{source}: {s.key}.parameters",
@@ -506,10 +516,9 @@ def describe(plan: MergePlan) -> list[dict[str, Any]]:
                 "tensor": t.name,
                 "shape": list(t.shape),
                 "dtype": str(t.out_dtype).removeprefix("torch."),
-                "inputs": [f"{m}:{i.name}" for m, i in zip(t.models, t.inputs)],
+                "inputs": [f"{m}:{i.name}" for m, i in zip(t.models, t.inputs, strict=True)],
                 "base": t.models[t.base_index] if t.base_index is not None else None,
                 "params": params,
             }
         )
     return rows
-

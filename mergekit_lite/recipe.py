@@ -154,7 +154,8 @@ class Slice(_Frozen):
         if len(set(lengths)) > 1:
             desc = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
             raise ValueError(
-                f"all sources of a slice must have the same number of layers, got {lengths} ({desc})"
+                "all sources of a slice must have the same number of layers, "
+                f"got {lengths} ({desc})"
             )
         return self
 

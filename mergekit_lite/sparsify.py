@@ -122,8 +122,8 @@ def keep_magnitude(
     """The ``k = max(1, int(density * n))`` largest ``|delta|``, by threshold.
 
     A threshold (:func:`kth_largest`) instead of a full sort: a quarter of the memory
-    and an order of magnitude faster on large tensors. When entries tie at the threshold, the earliest in memory
-    order are kept, so the result is the same on every device. (mergekit keeps
+    and several times faster on large tensors. When entries tie at the threshold, the
+    earliest in memory order are kept, so the result is the same on every device. (mergekit keeps
     whichever ``torch.argsort`` happens to put first, which is not stable and can
     differ between devices; the results agree whenever the k-th largest magnitude is
     unique, as it is for float32 weights in practice.)
@@ -330,7 +330,5 @@ def della_magprune(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    keep, probs = keep_della(
-        delta.abs(), density=density, epsilon=epsilon, generator=generator
-    )
+    keep, probs = keep_della(delta.abs(), density=density, epsilon=epsilon, generator=generator)
     return rescale_masked(delta, keep, rescale_norm, probs.to(delta.dtype))

@@ -143,8 +143,11 @@ def save_family(
             own_gen = torch.Generator().manual_seed(seed + 100 + i)
             sd = {
                 k: (
-                    (v.float() + shared[k] + torch.randn(v.shape, generator=own_gen) * delta_scale)
-                    .to(v.dtype)
+                    (
+                        v.float()
+                        + shared[k]
+                        + torch.randn(v.shape, generator=own_gen) * delta_scale
+                    ).to(v.dtype)
                     if k in shared
                     else v
                 )

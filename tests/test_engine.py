@@ -242,7 +242,9 @@ def test_passthrough_stacks_layers_and_updates_config(
                         {
                             "model": str(qwen_family["ft0"]),
                             "layer_range": [2, 4],
-                            "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+                            "parameters": {
+                                "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]
+                            },
                         }
                     ]
                 },
@@ -256,9 +258,13 @@ def test_passthrough_stacks_layers_and_updates_config(
     assert cfg["num_hidden_layers"] == 5
     assert len(cfg["layer_types"]) == 5
     merged, base, ft = (load_weights(p) for p in (out, qwen_family["base"], qwen_family["ft0"]))
-    assert torch.equal(merged["model.layers.2.mlp.up_proj.weight"], base["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.2.mlp.up_proj.weight"], base["model.layers.2.mlp.up_proj.weight"]
+    )
     # output layer 3 is ft0's layer 2, output layer 4 is ft0's layer 3
-    assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], ft["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.3.mlp.up_proj.weight"], ft["model.layers.2.mlp.up_proj.weight"]
+    )
     torch.testing.assert_close(
         merged["model.layers.4.self_attn.o_proj.weight"],
         0.5 * ft["model.layers.3.self_attn.o_proj.weight"],

@@ -36,9 +36,7 @@ def test_every_method_has_an_example() -> None:
 
 
 @pytest.mark.parametrize("recipe", MERGE_RECIPES, ids=[p.stem for p in MERGE_RECIPES])
-def test_example_recipe_runs(
-    recipe: Path, ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_example_recipe_runs(recipe: Path, ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(ckpt_dir)

@@ -19,12 +19,18 @@ S3 = math.sqrt(3.0)
 
 def T(*rows: Any) -> torch.Tensor:
     """A float32 tensor: T(1, 2) is 1-D, T([1, 2], [3, 4]) is 2-D."""
-    return torch.tensor(rows[0] if len(rows) == 1 and isinstance(rows[0], list) else list(rows),
-                        dtype=torch.float32)
+    return torch.tensor(
+        rows[0] if len(rows) == 1 and isinstance(rows[0], list) else list(rows), dtype=torch.float32
+    )
 
 
-def merge(name: str, tensors: list[torch.Tensor], base_index: int | None = 0,
-          rng: Any = None, **params: Any) -> torch.Tensor:
+def merge(
+    name: str,
+    tensors: list[torch.Tensor],
+    base_index: int | None = 0,
+    rng: Any = None,
+    **params: Any,
+) -> torch.Tensor:
     """Call a method the way the engine does: every parameter given, defaults filled in
     (per-model defaults as lists aligned with ``tensors``, ``None`` for the base)."""
     spec = METHODS[name]
@@ -53,8 +59,19 @@ def seeded(seed: int = 1234) -> Any:
 
 def test_registry_has_exactly_the_documented_methods() -> None:
     assert set(METHODS) == {
-        "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+        "linear",
+        "slerp",
+        "nuslerp",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "passthrough",
     }
     assert all(name == spec.name for name, spec in METHODS.items())
 
@@ -157,8 +174,14 @@ def test_nuslerp_unflattened_uses_one_angle_per_row() -> None:
     out = merge("nuslerp", [a, b], None, weight=[1.0, 1.0], nuslerp_flatten=False)
     assert_close(out, T([R2, R2], [2.0, 0.0]))
     # nuslerp_row_wise: the same along dim 0 (identity: transpose in, transpose out)
-    out_t = merge("nuslerp", [a.T.contiguous(), b.T.contiguous()], None, weight=[1.0, 1.0],
-                  nuslerp_flatten=False, nuslerp_row_wise=True)
+    out_t = merge(
+        "nuslerp",
+        [a.T.contiguous(), b.T.contiguous()],
+        None,
+        weight=[1.0, 1.0],
+        nuslerp_flatten=False,
+        nuslerp_row_wise=True,
+    )
     assert_close(out_t, out.T)
 
 
@@ -172,11 +195,11 @@ def test_task_arithmetic_by_hand() -> None:
     # 0.5*[1,2] + 2*[-1,4] = [-1.5, 9]; + base = [-0.5, 10]
     assert_close(merge("task_arithmetic", xs, weight=[None, 0.5, 2.0]), T(-0.5, 10))
     # lambda 0.5: base + 0.5*[-1.5, 9] = [0.25, 5.5]
-    assert_close(merge("task_arithmetic", xs, weight=[None, 0.5, 2.0], **{"lambda": 0.5}),
-                 T(0.25, 5.5))
+    assert_close(
+        merge("task_arithmetic", xs, weight=[None, 0.5, 2.0], **{"lambda": 0.5}), T(0.25, 5.5)
+    )
     # normalize: [-1.5, 9] / 2.5 = [-0.6, 3.6]; + base = [0.4, 4.6]
-    assert_close(merge("task_arithmetic", xs, weight=[None, 0.5, 2.0], normalize=True),
-                 T(0.4, 4.6))
+    assert_close(merge("task_arithmetic", xs, weight=[None, 0.5, 2.0], normalize=True), T(0.4, 4.6))
 
 
 def test_task_arithmetic_zero_weight_gives_base() -> None:
@@ -237,8 +260,13 @@ def test_ties_count_election() -> None:
 
 def test_ties_normalize_false_sums_agreeing() -> None:
     # same as test_ties_by_hand without the division: [-3, -2, 5, 0]
-    out = merge("ties", [T(0, 0, 0, 0), T(1, -2, 3, 0.1), T(-3, 1, 2, 0.2)],
-                weight=[None, 1.0, 1.0], density=[None, 0.75, 0.75], normalize=False)
+    out = merge(
+        "ties",
+        [T(0, 0, 0, 0), T(1, -2, 3, 0.1), T(-3, 1, 2, 0.2)],
+        weight=[None, 1.0, 1.0],
+        density=[None, 0.75, 0.75],
+        normalize=False,
+    )
     assert_close(out, T(-3, -2, 5, 0))
 
 
@@ -279,8 +307,9 @@ def test_dare_is_reproducible_per_seed(name: str) -> None:
 
 def test_dare_keeps_about_density_fraction() -> None:
     xs = [torch.zeros(10_000), torch.ones(10_000)]
-    out = merge("dare_linear", xs, rng=seeded(), weight=[None, 1.0], density=[None, 0.5],
-                rescale=False)
+    out = merge(
+        "dare_linear", xs, rng=seeded(), weight=[None, 1.0], density=[None, 0.5], rescale=False
+    )
     kept = (out != 0).float().mean().item()
     assert 0.45 <= kept <= 0.55  # Binomial(10000, .5)/10000: sd 0.005
     assert set(out.unique().tolist()) <= {0.0, 1.0}  # no rescale: survivors unchanged
@@ -288,8 +317,14 @@ def test_dare_keeps_about_density_fraction() -> None:
 
 def test_dare_inverse_p_divides_survivors_by_density() -> None:
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(5))
-    out = merge("dare_linear", [torch.zeros(1000), delta], rng=seeded(),
-                weight=[None, 1.0], density=[None, 0.3], rescale_norm="inverse_p")
+    out = merge(
+        "dare_linear",
+        [torch.zeros(1000), delta],
+        rng=seeded(),
+        weight=[None, 1.0],
+        density=[None, 0.3],
+        rescale_norm="inverse_p",
+    )
     kept = out != 0
     assert 0 < kept.sum() < 1000
     assert torch.equal(out[kept], delta[kept] / 0.3)  # delta_i / p, exactly
@@ -297,8 +332,9 @@ def test_dare_inverse_p_divides_survivors_by_density() -> None:
 
 def test_random_drop_l1_rescale_preserves_l1_norm() -> None:
     delta = torch.randn(2000, generator=torch.Generator().manual_seed(6))
-    out = sparsify.random_drop(delta, density=0.5, rescale_norm="l1",
-                               generator=torch.Generator().manual_seed(7))
+    out = sparsify.random_drop(
+        delta, density=0.5, rescale_norm="l1", generator=torch.Generator().manual_seed(7)
+    )
     assert (out == 0).any()
     assert math.isclose(out.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-5)
     # survivors are all scaled by the same factor ||delta||_1 / ||masked||_1
@@ -331,8 +367,13 @@ def test_breadcrumbs_drops_outliers_and_small_entries() -> None:
     out = sparsify.magnitude_outliers(CRUMBS, density=0.5, gamma=0.1)
     assert torch.equal(out, expected)
     # the breadcrumbs method with base 0, weight 1 (no normalize, no rescale) is the same
-    merged = merge("breadcrumbs", [torch.zeros(10), CRUMBS], weight=[None, 1.0],
-                   density=[None, 0.5], gamma=[None, 0.1])
+    merged = merge(
+        "breadcrumbs",
+        [torch.zeros(10), CRUMBS],
+        weight=[None, 1.0],
+        density=[None, 0.5],
+        gamma=[None, 0.1],
+    )
     assert torch.equal(merged, expected)
 
 
@@ -347,8 +388,9 @@ def test_della_magprune_keep_probabilities() -> None:
     # 4000 identical rows [1, 2, 3, 4, 5]: per-row rank -> p = .5 - .2 + .4 * (rank-1)/4
     # smallest: .3, middle: .5, largest: .7 (sd of a rate over 4000 draws ~ .008)
     rows = T(1, 2, 3, 4, 5).repeat(4000, 1)
-    out = sparsify.della_magprune(rows, density=0.5, epsilon=0.2,
-                                  generator=torch.Generator().manual_seed(0))
+    out = sparsify.della_magprune(
+        rows, density=0.5, epsilon=0.2, generator=torch.Generator().manual_seed(0)
+    )
     rate = (out != 0).float().mean(dim=0)
     assert abs(rate[0].item() - 0.3) < 0.04
     assert abs(rate[2].item() - 0.5) < 0.04
@@ -358,8 +400,13 @@ def test_della_magprune_keep_probabilities() -> None:
 def test_della_magprune_inverse_p() -> None:
     # row [1, 2, 3]: p = [.3, .5, .7]; a kept entry is delta_i / p_i
     d = T(1, 2, 3).repeat(200, 1)
-    out = sparsify.della_magprune(d, density=0.5, epsilon=0.2, rescale_norm="inverse_p",
-                                  generator=torch.Generator().manual_seed(1))
+    out = sparsify.della_magprune(
+        d,
+        density=0.5,
+        epsilon=0.2,
+        rescale_norm="inverse_p",
+        generator=torch.Generator().manual_seed(1),
+    )
     p = torch.tensor([0.3, 0.5, 0.7]).expand_as(d)
     kept = out != 0
     assert kept.any() and not kept.all()
@@ -372,8 +419,14 @@ def test_della_rejects_epsilon_outside_unit_interval(density: float, epsilon: fl
     with pytest.raises(ValueError, match="epsilon"):
         sparsify.della_magprune(d, density=density, epsilon=epsilon)
     with pytest.raises(ValueError, match="epsilon"):
-        merge("della", [torch.zeros(4), d], rng=seeded(), weight=[None, 1.0],
-              density=[None, density], epsilon=[None, epsilon])
+        merge(
+            "della",
+            [torch.zeros(4), d],
+            rng=seeded(),
+            weight=[None, 1.0],
+            density=[None, density],
+            epsilon=[None, epsilon],
+        )
 
 
 # -- model stock ------------------------------------------------------------------------
@@ -438,14 +491,21 @@ def _dare_ties_at(threads: int, **extra: Any) -> torch.Tensor:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        return merge("dare_ties", xs, rng=seeded(), weight=[None, 0.6, 0.5],
-                     density=[None, 0.4, 0.6], **extra)
+        return merge(
+            "dare_ties",
+            xs,
+            rng=seeded(),
+            weight=[None, 0.6, 0.5],
+            density=[None, 0.4, 0.6],
+            **extra,
+        )
     finally:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("extra", [{"rescale": False}, {"rescale_norm": "inverse_p"}],
-                         ids=["no-rescale", "inverse_p"])
+@pytest.mark.parametrize(
+    "extra", [{"rescale": False}, {"rescale_norm": "inverse_p"}], ids=["no-rescale", "inverse_p"]
+)
 def test_dare_ties_masks_independent_of_thread_count(extra: dict[str, Any]) -> None:
     # the random masks and the element-wise arithmetic do not depend on the thread count
     assert torch.equal(_dare_ties_at(1, **extra), _dare_ties_at(2, **extra))

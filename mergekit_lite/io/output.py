@@ -54,7 +54,9 @@ class AtomicOutputDir:
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
         if self.target.exists():
             check_output_path(self.target, overwrite=self.overwrite)
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            trash = Path(
+                tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent)
+            )
             os.replace(self.target, trash / "old")
             os.replace(self.tmp, self.target)
             shutil.rmtree(trash, ignore_errors=True)

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -166,7 +167,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         return torch.empty(info.shape, dtype=info.dtype)
     # torch.empty, not bytearray: no zero-fill pass before the read overwrites it
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")
+    view = buf.numpy().data.cast("B")
     try:
         fd = os.open(info.file, os.O_RDONLY)
         try:
@@ -234,7 +235,7 @@ class ShardedSafetensorsWriter:
         )
         self._queue = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
         self._pos = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._shard = -1
         self.bytes_written = 0
 
@@ -252,16 +253,19 @@ class ShardedSafetensorsWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-        self._file = open(self.directory / self.filenames[index], "wb")  # noqa: SIM115
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        f = open(self.directory / self.filenames[index], "wb")  # noqa: SIM115
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        self._file = f
         self.bytes_written += 8 + len(raw)
         self._shard = index
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard_index, expected = self._queue[self._pos]
-        if name != expected.name or tuple(tensor.shape) != expected.shape or (
-            tensor.dtype != expected.dtype
+        if (
+            name != expected.name
+            or tuple(tensor.shape) != expected.shape
+            or (tensor.dtype != expected.dtype)
         ):
             raise RuntimeError(
                 f"writer expected {expected.name} {list(expected.shape)} {expected.dtype}, "

@@ -31,7 +31,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 
@@ -63,14 +63,12 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
-class PerModel:
-    def __class_getitem__(cls, item: type) -> Any:
-        return Annotated[list[item], Scope.PER_MODEL]  # type: ignore[valid-type]
+T = TypeVar("T")
 
-
-class NonBase:
-    def __class_getitem__(cls, item: type) -> Any:
-        return Annotated[list[item], Scope.NON_BASE]  # type: ignore[valid-type]
+#: one value per input model, base included: ``weight: PerModel[float]``
+PerModel = Annotated[list[T], Scope.PER_MODEL]
+#: one value per non-base input (the base's entry is None)
+NonBase = Annotated[list[T], Scope.NON_BASE]
 
 
 @dataclass(frozen=True)
@@ -197,6 +195,15 @@ class MethodSpec:
 _ENGINE_ARGS = {"base_index", "rng", "dtype"}
 
 
+def _strip_none(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (hint, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) < len(typing.get_args(hint)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True
+    return hint, False
+
+
 def params_from_signature(
     fn: Callable[..., Any], ranges: dict[str, Range] | None = None
 ) -> tuple[ParamSpec, ...]:
@@ -207,17 +214,13 @@ def params_from_signature(
     for p in inspect.signature(fn).parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _ENGINE_ARGS:
             continue
-        hint = hints[p.name]
+        hint, nullable = _strip_none(hints[p.name])
         scope = Scope.SHARED
         if typing.get_origin(hint) is Annotated:
             base_hint, *meta = typing.get_args(hint)
             scope = next(m for m in meta if isinstance(m, Scope))
-            hint = typing.get_args(base_hint)[0]  # list[T] -> T
-        nullable = False
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            nullable = len(args) < len(typing.get_args(hint))
-            hint = args[0]
+            hint, inner_nullable = _strip_none(typing.get_args(base_hint)[0])  # list[T] -> T
+            nullable = nullable or inner_nullable
         choices = None
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)

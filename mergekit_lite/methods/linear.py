@@ -41,7 +41,7 @@ def linear(
     for start in range(0, n, CHUNK):
         sl = slice(start, min(n, start + CHUNK))
         acc = torch.zeros(sl.stop - sl.start, dtype=acc_dtype, device=first.device)
-        for x, wi in zip(flat, w.unbind(0)):
+        for x, wi in zip(flat, w.unbind(0), strict=True):
             acc.addcmul_(x[sl].to(dtype), wi)
         if normalize:
             acc.div_(w.sum())

@@ -48,8 +48,6 @@ def model_stock(
     n = len(ws)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
-    t = torch.where(
-        singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, 1, denom)
-    )
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, 1, denom))
     mean = sum(ws) / n
     return (t * mean + (1 - t) * w0).reshape(shape)

@@ -24,7 +24,7 @@ def passthrough(
     tensors: list[torch.Tensor],
     *,
     base_index: int | None,
-    scale: PerModel[float | None] = None,  # type: ignore[assignment]
+    scale: PerModel[float | None] | None = None,
 ) -> torch.Tensor:
     value = scale[0] if scale else None
     return tensors[0] if value is None else tensors[0] * value

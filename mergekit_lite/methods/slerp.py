@@ -59,9 +59,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     max_inputs=2,
     ranges={"t": Range(0, 1)},
 )
-def slerp(
-    tensors: list[torch.Tensor], *, base_index: int | None, t: float
-) -> torch.Tensor:
+def slerp(tensors: list[torch.Tensor], *, base_index: int | None, t: float) -> torch.Tensor:
     assert base_index is not None
     return slerp_tensors(t, tensors[base_index], tensors[1 - base_index])
 

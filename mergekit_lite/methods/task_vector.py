@@ -157,7 +157,7 @@ def task_vector_merge(
     for sl in _chunks(base.numel()):
         b = base[sl]
         rows = []
-        for x, (keep, factor, div) in zip(flat, plans):
+        for x, (keep, factor, div) in zip(flat, plans, strict=True):
             d = x[sl].to(dtype) - b  # delta_i = theta_i - theta_base
             if keep is not None:
                 d = torch.where(keep[sl], d, 0)
