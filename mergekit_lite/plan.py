@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -193,25 +193,25 @@ class _Slice:
 
 @dataclass
 class _Resolver:
+    """Parameter precedence, highest first: source (per model) > slice > global."""
+
     recipe: Recipe
-    method: MethodSpec
     source: str
-    _cache: dict[Any, Any] = field(default_factory=dict)
 
     def _levels(
         self, sl: _Slice, model: str | None
-    ) -> Iterable[tuple[str, Mapping[str, ParameterSetting] | None]]:
+    ) -> Iterable[Mapping[str, ParameterSetting] | None]:
         if model is not None:
             for s in sl.sources:
                 if s.model == model:
-                    yield s.key, s.parameters
-        yield sl.key, sl.parameters
-        yield "", self.recipe.parameters
+                    yield s.parameters
+        yield sl.parameters
+        yield self.recipe.parameters
 
     def value(
         self, spec: ParamSpec, sl: _Slice, tensor: str, t: float, model: str | None, key: str
     ) -> Any:
-        for _, level in self._levels(sl, model):
+        for level in self._levels(sl, model):
             if level is not None and spec.name in level:
                 v = evaluate_setting(level[spec.name], tensor, t, coerce=spec.coerce)
                 if v is not None:
@@ -228,9 +228,8 @@ class _Resolver:
 # -- building the plan ---------------------------------------------------------------------
 
 
-def _normalize_slices(
-    recipe: Recipe, checkpoints: dict[str, Checkpoint], layouts: dict[str, LayerLayout]
-) -> list[_Slice]:
+def _normalize_slices(recipe: Recipe, layouts: dict[str, LayerLayout], source: str) -> list[_Slice]:
+    """A ``models:`` recipe is one slice over all layers, with the base added as a source."""
     if recipe.slices:
         return [
             _Slice(
@@ -258,7 +257,7 @@ def _normalize_slices(
     counts = {s.model: s.layer_range[1] for s in sources}
     if len(set(counts.values())) > 1:
         raise MergeError(
-            "models",
+            f"{source}: models",
             "models have different numbers of layers "
             f"({', '.join(f'{m}: {n}' for m, n in counts.items())}); use slices to say which "
             "layers to combine",
@@ -334,7 +333,7 @@ def build_plan(
         if ref not in checkpoints:
             checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
     layouts = {ref: LayerLayout.of(c) for ref, c in checkpoints.items()}
-    slices = _normalize_slices(recipe, checkpoints, layouts)
+    slices = _normalize_slices(recipe, layouts, source)
 
     for sl in slices:
         for s in sl.sources:
@@ -353,7 +352,7 @@ def build_plan(
     ref_ckpt = checkpoints[reference]
     ref_layout = layouts[reference]
     compute_dtype = getattr(torch, recipe.dtype or "float32")
-    resolver = _Resolver(recipe, method, source)
+    resolver = _Resolver(recipe, source)
     tasks: list[TensorTask] = []
 
     def add_task(

@@ -34,6 +34,7 @@ tensor order, and the masks are the same on every device (drawn on the CPU, then
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Literal, Union
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 __all__ = [
     "SELECTORS",
+    "sparsify",
     "RescaleNorm",
     "magnitude",
     "random_drop",
@@ -270,65 +272,36 @@ def rescale_masked(
 # -- the tensor-level sparsifiers (reference implementations) -------------------------------
 
 
-def magnitude(
+def sparsify(
     delta: torch.Tensor,
     *,
+    method: str,
     density: float,
     rescale_norm: RescaleNorm | None = None,
     generator: Generator = None,
-    **_: float,
-) -> torch.Tensor:
-    """TIES' trim step: keep the top ``density`` fraction by magnitude."""
-    if density >= 1:
-        return delta
-    keep, p = keep_magnitude(delta.abs(), density=density)
-    return rescale_masked(delta, keep, rescale_norm, p)
-
-
-def random_drop(
-    delta: torch.Tensor,
-    *,
-    density: float,
-    rescale_norm: RescaleNorm | None = None,
-    generator: Generator = None,
-    **_: float,
-) -> torch.Tensor:
-    """DARE: drop each entry with probability ``1 - density``."""
-    if density >= 1:
-        return delta
-    keep, p = keep_random(delta.shape, density=density, generator=generator, device=delta.device)
-    return rescale_masked(delta, keep, rescale_norm, p)
-
-
-def magnitude_outliers(
-    delta: torch.Tensor,
-    *,
-    density: float,
     gamma: float = 0.01,
-    rescale_norm: RescaleNorm | None = None,
-    generator: Generator = None,
-    **_: float,
+    epsilon: float = 0.15,
 ) -> torch.Tensor:
-    """Breadcrumbs: drop outliers and the smallest entries."""
+    """Sparsify a whole task vector with the named selector, then rescale."""
     if density >= 1:
         return delta
-    keep, p = keep_outliers(delta.abs(), density=density, gamma=gamma)
+    select, needs_magnitude = SELECTORS[method]
+    if needs_magnitude:
+        keep, p = select(
+            delta.abs(), density=density, gamma=gamma, epsilon=epsilon, generator=generator
+        )
+    else:
+        keep, p = select(delta.shape, density=density, generator=generator, device=delta.device)
+    if isinstance(p, torch.Tensor):
+        p = p.to(delta.dtype)
     return rescale_masked(delta, keep, rescale_norm, p)
 
 
-def della_magprune(
-    delta: torch.Tensor,
-    *,
-    density: float,
-    epsilon: float = 0.15,
-    rescale_norm: RescaleNorm | None = None,
-    generator: Generator = None,
-    **_: float,
-) -> torch.Tensor:
-    """DELLA: magnitude-ranked random drop."""
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    keep, probs = keep_della(delta.abs(), density=density, epsilon=epsilon, generator=generator)
-    return rescale_masked(delta, keep, rescale_norm, probs.to(delta.dtype))
+#: TIES' trim step: keep the top ``density`` fraction by magnitude
+magnitude = partial(sparsify, method="magnitude")
+#: DARE: drop each entry with probability ``1 - density``
+random_drop = partial(sparsify, method="random")
+#: Breadcrumbs: drop outliers and the smallest entries
+magnitude_outliers = partial(sparsify, method="magnitude_outliers")
+#: DELLA: magnitude-ranked random drop
+della_magprune = partial(sparsify, method="della_magprune")

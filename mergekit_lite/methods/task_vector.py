@@ -270,86 +270,36 @@ def _family_member(
     )
 
 
-TASK_ARITHMETIC = _family_member(
-    "task_arithmetic",
-    title="Task Arithmetic",
-    paper="https://arxiv.org/abs/2212.04089",
-    sparsifier=None,
-    consensus=False,
-    default_normalize=False,
-    default_rescale=False,
-)
-TIES = _family_member(
-    "ties",
-    title="TIES",
-    paper="https://arxiv.org/abs/2306.01708",
-    sparsifier="magnitude",
-    consensus=True,
-    default_normalize=True,
-    default_rescale=False,
-)
-DARE_LINEAR = _family_member(
-    "dare_linear",
-    title="DARE (linear)",
-    paper="https://arxiv.org/abs/2311.03099",
-    sparsifier="random",
-    consensus=False,
-    default_normalize=False,
-    default_rescale=True,
-)
-DARE_TIES = _family_member(
-    "dare_ties",
-    title="DARE-TIES",
-    paper="https://arxiv.org/abs/2311.03099",
-    sparsifier="random",
-    consensus=True,
-    default_normalize=False,
-    default_rescale=True,
-)
-BREADCRUMBS = _family_member(
-    "breadcrumbs",
-    title="Model Breadcrumbs",
-    paper="https://arxiv.org/abs/2312.06795",
-    sparsifier="magnitude_outliers",
-    consensus=False,
-    default_normalize=False,
-    default_rescale=False,
-)
-BREADCRUMBS_TIES = _family_member(
-    "breadcrumbs_ties",
-    title="Model Breadcrumbs with TIES",
-    paper="https://arxiv.org/abs/2312.06795",
-    sparsifier="magnitude_outliers",
-    consensus=True,
-    default_normalize=False,
-    default_rescale=False,
-)
-DELLA = _family_member(
-    "della",
-    title="DELLA",
-    paper="https://arxiv.org/abs/2406.11617",
-    sparsifier="della_magprune",
-    consensus=True,
-    default_normalize=True,
-    default_rescale=True,
-)
-DELLA_LINEAR = _family_member(
-    "della_linear",
-    title="DELLA (linear)",
-    paper="https://arxiv.org/abs/2406.11617",
-    sparsifier="della_magprune",
-    consensus=False,
-    default_normalize=False,
-    default_rescale=True,
-)
+#: The family, one row per method: (name, title, paper, sparsifier, consensus,
+#: default normalize, default rescale) - the table in the module docstring.
+_TABLE: tuple[tuple[str, str, str, str | None, bool, bool, bool], ...] = (
+    ("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+     None, False, False, False),
+    ("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+     "magnitude", True, True, False),
+    ("dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099",
+     "random", False, False, True),
+    ("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099",
+     "random", True, False, True),
+    ("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+     "magnitude_outliers", False, False, False),
+    ("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+     "magnitude_outliers", True, False, False),
+    ("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+     "della_magprune", True, True, True),
+    ("della_linear", "DELLA (linear)", "https://arxiv.org/abs/2406.11617",
+     "della_magprune", False, False, True),
+)  # fmt: skip
 
-FAMILY = (
-    TASK_ARITHMETIC,
-    TIES,
-    DARE_LINEAR,
-    DARE_TIES,
-    BREADCRUMBS,
-    BREADCRUMBS_TIES,
-    DELLA,
-    DELLA_LINEAR,
+FAMILY = tuple(
+    _family_member(
+        name,
+        title=title,
+        paper=paper,
+        sparsifier=sparsifier,
+        consensus=consensus,
+        default_normalize=normalize,
+        default_rescale=rescale,
+    )
+    for name, title, paper, sparsifier, consensus, normalize, rescale in _TABLE
 )
