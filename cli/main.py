@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from mergekit_lite.cli import convert as convert_cmd
 from mergekit_lite.cli import demo as demo_cmd
 from mergekit_lite.cli import run as run_cmd
 
@@ -14,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run_cmd.run)
+app.command("convert")(convert_cmd.convert)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -18,7 +18,13 @@ import yaml
 from mergekit_lite.io.checkpoint import resolve_model_path
 from mergekit_lite.plan import MergePlan
 
-__all__ = ["write_model_files", "model_card", "TOKENIZER_FILES", "CHATML_TEMPLATE"]
+__all__ = [
+    "write_model_files",
+    "write_hf_metadata",
+    "model_card",
+    "TOKENIZER_FILES",
+    "CHATML_TEMPLATE",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -84,28 +90,35 @@ def model_card(plan: MergePlan, *, recipe_text: str | None, title: str) -> str:
     return "\n".join(lines)
 
 
+def write_hf_metadata(
+    folder: Path, *, config: dict[str, object], source: Path, tokenizer: Path
+) -> list[str]:
+    """``config.json``, ``generation_config.json`` (from ``source``) and the tokenizer files
+    (from ``tokenizer``) of a Hugging Face model folder; returns the names written."""
+    written = ["config.json"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+        written.append("generation_config.json")
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, folder / name)
+            written.append(name)
+    return written
+
+
 def write_model_files(
     plan: MergePlan, folder: Path, *, recipe_text: str | None, title: str = "Merged model"
 ) -> list[str]:
     """Write config, generation config, tokenizer, card and recipe; return file names."""
-    written = []
-    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-    written.append("config.json")
-
-    ref = plan.checkpoints[plan.reference].path
-    if (ref / "generation_config.json").is_file():
-        shutil.copyfile(ref / "generation_config.json", folder / "generation_config.json")
-        written.append("generation_config.json")
-
     tok = (
         plan.checkpoints[plan.tokenizer_source].path
         if plan.tokenizer_source in plan.checkpoints
         else resolve_model_path(plan.tokenizer_source)
     )
-    for name in TOKENIZER_FILES:
-        if (tok / name).is_file():
-            shutil.copyfile(tok / name, folder / name)
-            written.append(name)
+    written = write_hf_metadata(
+        folder, config=plan.config, source=plan.checkpoints[plan.reference].path, tokenizer=tok
+    )
 
     template = _chat_template(plan.recipe.chat_template)
     if template is not None:

@@ -25,7 +25,12 @@ from typing import Any
 import torch
 
 from mergekit_lite.errors import CheckpointError, MergeError, RecipeError
-from mergekit_lite.io.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
+from mergekit_lite.io.checkpoint import (
+    Checkpoint,
+    open_checkpoint,
+    resolve_model_path,
+    set_config_dtype,
+)
 from mergekit_lite.io.safetensors_io import TensorInfo
 from mergekit_lite.methods.base import MethodSpec, ParamSpec, Scope
 from mergekit_lite.methods.registry import get_method
@@ -489,9 +494,7 @@ def _output_config(
     dtypes = {t.out_dtype for t in tasks if t.out_dtype.is_floating_point}
     if dtypes:
         main = max(dtypes, key=lambda d: sum(t.bytes_out for t in tasks if t.out_dtype == d))
-        name = str(main).removeprefix("torch.")
-        for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
-            config[k] = name
+        config = set_config_dtype(config, main)
     key = _layer_count_key(config)
     if key is not None and layout.num_layers:
         config[key] = num_layers

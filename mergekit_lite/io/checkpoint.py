@@ -29,7 +29,13 @@ from mergekit_lite.io.safetensors_io import (
     read_tensor,
 )
 
-__all__ = ["Checkpoint", "open_checkpoint", "resolve_model_path", "HUB_ALLOW_PATTERNS"]
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "resolve_model_path",
+    "set_config_dtype",
+    "HUB_ALLOW_PATTERNS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,16 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def set_config_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A copy of ``config`` whose dtype says ``dtype``: the key the file already uses
+    (``dtype`` for transformers 5, ``torch_dtype`` before), or ``torch_dtype``."""
+    out = dict(config)
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in out] or ["torch_dtype"]:
+        out[key] = name
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
