@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from mergekit_lite.cli import convert as convert_cmd
 from mergekit_lite.cli import demo as demo_cmd
+from mergekit_lite.cli import lora as lora_cmd
 from mergekit_lite.cli import run as run_cmd
 
 app = typer.Typer(
@@ -16,6 +17,8 @@ app = typer.Typer(
 )
 app.command("run")(run_cmd.run)
 app.command("convert")(convert_cmd.convert)
+app.command("extract-lora")(lora_cmd.extract_lora)
+app.command("apply-lora")(lora_cmd.apply_lora)
 app.command("demo")(demo_cmd.demo)
 
 

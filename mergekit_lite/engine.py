@@ -285,13 +285,13 @@ class InMemoryMerger:
         self.device = torch.device(device)
         self.allow_pickle = allow_pickle
         self._checkpoints: dict[str, Checkpoint] = {}
-        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+        self._tensors: dict[tuple[str, str, str], torch.Tensor] = {}
         self._storages: set[int] = set()
 
     def _load(self, task: TensorTask) -> list[torch.Tensor]:
         out = []
         for info in task.inputs:
-            key = (str(info.file), info.name)
+            key = info.key
             if key not in self._tensors:
                 self._tensors[key] = read_tensor(info).to(self.device)
                 self._storages.add(self._tensors[key].untyped_storage().data_ptr())

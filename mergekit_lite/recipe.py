@@ -105,10 +105,8 @@ Parameters = dict[str, ParameterSetting]
 def _check_model_ref(value: str) -> str:
     if not value or not value.strip():
         raise ValueError("model reference is empty")
-    if "+" in value:
-        raise ValueError(
-            f"{value!r}: LoRA model references (path+adapter) are not supported by merge run"
-        )
+    if value.startswith("+") or value.endswith("+"):
+        raise ValueError(f"{value!r}: a LoRA reference is path+adapter_path")
     return value
 
 

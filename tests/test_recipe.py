@@ -144,14 +144,18 @@ def test_tokenizer_source_union_rejected() -> None:
 @pytest.mark.parametrize(
     "data,where",
     [
-        (ties_recipe(models=[{"model": "ft0+lora"}]), "models[0].model"),
-        (ties_recipe(base_model="base+lora"), "base_model"),
+        (ties_recipe(models=[{"model": "ft0+"}]), "models[0].model"),
+        (ties_recipe(base_model="+lora"), "base_model"),
     ],
 )
-def test_lora_references_rejected(data: dict[str, Any], where: str) -> None:
+def test_malformed_lora_references_rejected(data: dict[str, Any], where: str) -> None:
     err = recipe_error(data)
     assert err.where == f"{SRC}: {where}"
-    assert "LoRA" in err.message
+    assert "path+adapter_path" in err.message
+
+
+def test_lora_references_accepted() -> None:
+    assert parse_recipe(ties_recipe(models=[{"model": "ft0+lora"}])).models[0].model == "ft0+lora"
 
 
 def test_non_mapping_recipe() -> None:

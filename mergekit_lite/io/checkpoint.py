@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,33 @@ def _pickle_index(files: list[Path]) -> dict[str, TensorInfo]:
 def open_checkpoint(
     ref: str, *, allow_pickle: bool = False, where: str | None = None
 ) -> Checkpoint:
+    """Index a checkpoint (see :func:`_open_plain`); ``path+adapter`` (mergekit's syntax)
+    is the checkpoint at ``path`` with a LoRA adapter folded in as tensors are read."""
+    if "+" not in ref:
+        return _open_plain(ref, allow_pickle=allow_pickle, where=where)
+    from mergekit_lite.io.lora import load_adapter
+
+    base_ref, adapter_ref = ref.split("+", 1)
+    ckpt = _open_plain(base_ref, allow_pickle=allow_pickle, where=where)
+    adapter = load_adapter(resolve_model_path(adapter_ref, where=where))
+    missing = sorted(set(adapter.factors) - set(ckpt.tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            str(adapter.path), f"adapter targets {missing[0]}{more}, which {base_ref} does not have"
+        )
+    tensors = {
+        name: replace(info, transform=adapter.fold, variant=str(adapter.path))
+        if name in adapter.factors
+        else info
+        for name, info in ckpt.tensors.items()
+    }
+    return Checkpoint(
+        ref=ref, path=ckpt.path, config=ckpt.config, tensors=tensors, files=ckpt.files
+    )
+
+
+def _open_plain(ref: str, *, allow_pickle: bool = False, where: str | None = None) -> Checkpoint:
     """Index a checkpoint folder (or Hub id) without reading its tensors.
 
     Looks for, in order: ``model.safetensors.index.json``, ``model.safetensors``, any

@@ -22,8 +22,8 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,6 +76,16 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in ``file`` (safetensors) or -1 (pickle)
     nbytes: int
+    # applied after reading, e.g. folding in a LoRA adapter; ``variant`` names it
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = field(
+        default=None, compare=False, repr=False
+    )
+    variant: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Identifies the tensor's *content* (file, name and any transform)."""
+        return (str(self.file), self.name, self.variant)
 
     @property
     def numel(self) -> int:
@@ -161,6 +171,11 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor into fresh (owned, writable) CPU memory."""
+    x = _read_raw(info)
+    return x if info.transform is None else info.transform(info.name, x)
+
+
+def _read_raw(info: TensorInfo) -> torch.Tensor:
     if info.offset < 0:
         return load_pickle_state_dict(info.file)[info.name].clone()
     if info.nbytes == 0:
@@ -223,15 +238,21 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(
-        self, directory: Path, layout: Sequence[OutputTensor], *, max_shard_size: int
+        self,
+        directory: Path,
+        layout: Sequence[OutputTensor],
+        *,
+        max_shard_size: int,
+        basename: str = "model",
     ) -> None:
         self.directory = Path(directory)
+        self.basename = basename
         self.shards = plan_shards(layout, max_shard_size)
         n = len(self.shards)
         self.filenames = (
-            ["model.safetensors"]
+            [f"{basename}.safetensors"]
             if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            else [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self._queue = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
         self._pos = 0
@@ -297,10 +318,9 @@ class ShardedSafetensorsWriter:
                     t.name: self.filenames[i] for i, s in enumerate(self.shards) for t in s
                 },
             }
-            (self.directory / "model.safetensors.index.json").write_text(
-                json.dumps(index, indent=2) + "\n"
-            )
-            files.append("model.safetensors.index.json")
+            index_name = f"{self.basename}.safetensors.index.json"
+            (self.directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
+            files.append(index_name)
         return files
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from mergekit_lite.card import write_hf_metadata
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.io.checkpoint import open_checkpoint, resolve_model_path, set_config_dtype
+from mergekit_lite.io.checkpoint import Checkpoint, open_checkpoint, set_config_dtype
 from mergekit_lite.io.output import AtomicOutputDir, check_output_path
 from mergekit_lite.io.safetensors_io import OutputTensor, ShardedSafetensorsWriter
 
@@ -141,15 +141,13 @@ def _convert_gguf(
 
 
 def _convert_folder(
-    src: str,
+    ckpt: Checkpoint,
     folder: Path,
     *,
     dtype: torch.dtype | None,
-    allow_pickle: bool,
     max_shard_size: int,
     progress: Callable[[int, int], None] | None,
 ) -> ConvertResult:
-    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     infos = list(ckpt.tensors.values())
 
     def out_dtype(d: torch.dtype) -> torch.dtype:
@@ -203,8 +201,9 @@ def convert(
     max_shard_size: int = 5_000_000_000,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
-    """Convert ``src`` (a .gguf file, or a model folder / Hub id) into a safetensors
-    model folder at ``output``, optionally casting floating-point weights to ``dtype``."""
+    """Convert ``src`` (a .gguf file, a model folder / Hub id, or ``model+adapter`` to fold
+    a LoRA adapter in) into a safetensors model folder at ``output``, optionally casting
+    floating-point weights to ``dtype``."""
     output = Path(output)
     check_output_path(output, overwrite=overwrite)
     if dtype is not None and dtype not in DTYPES:
@@ -212,20 +211,16 @@ def convert(
     torch_dtype = DTYPES[dtype] if dtype else None
     path = Path(src).expanduser()
     gguf_file = _find_gguf(path) if path.exists() else None
-    info = check_gguf(gguf_file) if gguf_file is not None else None  # refuse before writing
-    if gguf_file is None and not path.exists():
-        resolve_model_path(str(src))  # a Hub id, or a clear "does not exist"
+    # everything is checked before the output folder exists
+    info = check_gguf(gguf_file) if gguf_file is not None else None
+    ckpt = None if info is not None else open_checkpoint(str(src), allow_pickle=allow_pickle)
     with AtomicOutputDir(output, overwrite=overwrite) as tmp:
         if info is not None:
             result = _convert_gguf(info, tmp, dtype=torch_dtype, max_shard_size=max_shard_size)
         else:
+            assert ckpt is not None
             result = _convert_folder(
-                str(src),
-                tmp,
-                dtype=torch_dtype,
-                allow_pickle=allow_pickle,
-                max_shard_size=max_shard_size,
-                progress=progress,
+                ckpt, tmp, dtype=torch_dtype, max_shard_size=max_shard_size, progress=progress
             )
     result.output = output
     return result
