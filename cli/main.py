@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from mergekit_lite.cli import convert as convert_cmd
 from mergekit_lite.cli import demo as demo_cmd
+from mergekit_lite.cli import inspect_models as inspect_cmd
 from mergekit_lite.cli import lora as lora_cmd
 from mergekit_lite.cli import run as run_cmd
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run_cmd.run)
+app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("extract-lora")(lora_cmd.extract_lora)
 app.command("apply-lora")(lora_cmd.apply_lora)

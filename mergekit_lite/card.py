@@ -17,6 +17,7 @@ import yaml
 
 from mergekit_lite.io.checkpoint import resolve_model_path
 from mergekit_lite.plan import MergePlan
+from mergekit_lite.vocab import write_union_tokenizer
 
 __all__ = [
     "write_model_files",
@@ -111,14 +112,17 @@ def write_model_files(
     plan: MergePlan, folder: Path, *, recipe_text: str | None, title: str = "Merged model"
 ) -> list[str]:
     """Write config, generation config, tokenizer, card and recipe; return file names."""
-    tok = (
-        plan.checkpoints[plan.tokenizer_source].path
-        if plan.tokenizer_source in plan.checkpoints
-        else resolve_model_path(plan.tokenizer_source)
-    )
-    written = write_hf_metadata(
-        folder, config=plan.config, source=plan.checkpoints[plan.reference].path, tokenizer=tok
-    )
+    ref = plan.checkpoints[plan.reference].path
+    if plan.union_vocab is not None:
+        tok = ref
+    elif plan.tokenizer_source in plan.checkpoints:
+        tok = plan.checkpoints[plan.tokenizer_source].path
+    else:
+        tok = resolve_model_path(plan.tokenizer_source)
+    written = write_hf_metadata(folder, config=plan.config, source=ref, tokenizer=tok)
+    if plan.union_vocab is not None:
+        sources = {m: c.path for m, c in plan.checkpoints.items()}
+        write_union_tokenizer(folder, ref, plan.union_vocab, sources)
 
     template = _chat_template(plan.recipe.chat_template)
     if template is not None:

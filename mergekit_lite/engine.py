@@ -33,6 +33,7 @@ from mergekit_lite.io.output import AtomicOutputDir, check_output_path
 from mergekit_lite.io.safetensors_io import OutputTensor, ShardedSafetensorsWriter, read_tensor
 from mergekit_lite.plan import MergePlan, TensorTask, build_plan
 from mergekit_lite.recipe import Recipe
+from mergekit_lite.vocab import align_rows
 
 __all__ = [
     "MergeStats",
@@ -115,6 +116,8 @@ def merge_tensor(
         if any(not torch.equal(x, xs[0]) for x in xs[1:]):
             raise MergeError(task.name, "non-floating-point tensor differs between inputs")
         return xs[0]
+    if task.vocab_maps is not None:  # rows permuted to the output vocabulary first
+        xs[:] = align_rows(xs, task.vocab_maps, task.base_index, plan.compute_dtype)
     kwargs: dict[str, Any] = {**task.shared, **{k: list(v) for k, v in task.per_input.items()}}
     if plan.method.casts_inputs:
         kwargs["dtype"] = plan.compute_dtype  # converted chunk by chunk by the method

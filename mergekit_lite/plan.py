@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from mergekit_lite.io.safetensors_io import TensorInfo
 from mergekit_lite.methods.base import MethodSpec, ParamSpec, Scope
 from mergekit_lite.methods.registry import get_method
 from mergekit_lite.recipe import ParameterSetting, Recipe, evaluate_setting, setting_leaves
+from mergekit_lite.vocab import index_map, is_vocab_tensor, output_vocab, read_vocab
 
 __all__ = ["TensorTask", "MergePlan", "check_recipe", "build_plan", "LayerLayout"]
 
@@ -58,6 +59,8 @@ class TensorTask:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     layer: int | None = None  # output layer index, None for embeddings/norm/head
+    # vocabulary alignment: per input, the input row of each output row (-1: none)
+    vocab_maps: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
     def bytes_in(self) -> int:
@@ -79,6 +82,7 @@ class MergePlan:
     config: dict[str, Any]  # the output config.json
     compute_dtype: torch.dtype
     source: str = "recipe"
+    union_vocab: dict[str, int] | None = None  # the output vocabulary, for "union"
 
     @property
     def bytes_to_read(self) -> int:
@@ -315,6 +319,43 @@ def _find_input(ckpt: Checkpoint, name: str, layout: LayerLayout) -> TensorInfo 
     return info
 
 
+@dataclass
+class _Vocabulary:
+    """The output vocabulary and each model's (and so each input's) row mapping."""
+
+    out: dict[str, int]
+    rows: int
+    vocabs: dict[str, dict[str, int]]
+
+    @classmethod
+    def build(
+        cls, recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str, source: str
+    ) -> _Vocabulary | None:
+        src = recipe.vocab_source
+        if src is None:
+            return None
+        vocabs = {ref: read_vocab(c.path) for ref, c in checkpoints.items()}
+        if src not in ("base", "union") and src not in vocabs:
+            vocabs[src] = read_vocab(resolve_model_path(src, where=f"{source}: tokenizer_source"))
+        order = [r for r in recipe.referenced_models() if r != reference]
+        out = output_vocab(src, vocabs, reference, order)
+        pad = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
+        rows = len(out) if not pad else -(-len(out) // pad) * pad
+        if len(set(out.values())) != len(out) or max(out.values()) >= rows:
+            raise MergeError(f"{source}: tokenizer_source", "the output vocabulary has gaps")
+        return cls(out, rows, vocabs)
+
+    def maps(
+        self, name: str, infos: list[TensorInfo], sl: _Slice
+    ) -> tuple[torch.Tensor, ...] | None:
+        if not is_vocab_tensor(name) or len(infos[0].shape) != 2:
+            return None
+        return tuple(
+            index_map(self.out, self.vocabs[s.model], info.shape[0], self.rows)
+            for s, info in zip(sl.sources, infos, strict=True)
+        )
+
+
 def _layer_count_key(config: Mapping[str, Any]) -> str | None:
     return next((k for k in _LAYER_COUNT_KEYS if k in config), None)
 
@@ -358,6 +399,7 @@ def build_plan(
     ref_layout = layouts[reference]
     compute_dtype = getattr(torch, recipe.dtype or "float32")
     resolver = _Resolver(recipe, source)
+    vocab = _Vocabulary.build(recipe, checkpoints, reference, source)
     tasks: list[TensorTask] = []
 
     def add_task(
@@ -376,12 +418,18 @@ def build_plan(
                     str(checkpoints[s.model].path), f"tensor {name!r} is missing from this model"
                 )
             infos.append(info)
-        shapes = {i.shape for i in infos}
+        maps = vocab.maps(out_name, infos, sl) if vocab is not None else None
+        shapes = {i.shape[1:] if maps is not None else i.shape for i in infos}
         if len(shapes) > 1:
             desc = ", ".join(
                 f"{s.model}: {list(i.shape)}" for s, i in zip(sl.sources, infos, strict=True)
             )
-            raise MergeError(out_name, f"input shapes disagree ({desc})")
+            hint = (
+                "; vocabularies differ? set tokenizer_source: union or base"
+                if is_vocab_tensor(out_name)
+                else ""
+            )
+            raise MergeError(out_name, f"input shapes disagree ({desc}){hint}")
         shared = {}
         per_input: dict[str, tuple[Any, ...]] = {}
         for spec in method.params:
@@ -397,6 +445,7 @@ def build_plan(
                 per_input[spec.name] = tuple(values)
         _check_joint(method, shared, per_input, sl, out_name, source)
         first = infos[base_index if base_index is not None else 0]
+        shape = first.shape if maps is None else (maps[0].numel(), *first.shape[1:])
         if recipe.out_dtype:
             out_dtype = getattr(torch, recipe.out_dtype)
         elif recipe.dtype:
@@ -413,9 +462,10 @@ def build_plan(
                 base_index=base_index,
                 shared=shared,
                 per_input=per_input,
-                shape=first.shape,
+                shape=shape,
                 out_dtype=out_dtype,
                 layer=layer,
+                vocab_maps=maps,
             )
         )
 
@@ -448,9 +498,9 @@ def build_plan(
         add_task(name, slices[-1], base_indices[-1], [name] * len(slices[-1].sources), 0.0, None)
 
     config = _output_config(ref_ckpt, tasks, out_layer, layer_types, ref_layout)
-    tok = recipe.tokenizer_source
+    tok = recipe.vocab_source
     tokenizer_source = reference if tok in (None, "base") else tok
-    if tokenizer_source not in checkpoints:
+    if tokenizer_source != "union" and tokenizer_source not in checkpoints:
         resolve_model_path(tokenizer_source, where=f"{source}: tokenizer_source")
     return MergePlan(
         recipe=recipe,
@@ -462,6 +512,7 @@ def build_plan(
         config=config,
         compute_dtype=compute_dtype,
         source=source,
+        union_vocab=vocab.out if vocab is not None and tok == "union" else None,
     )
 
 

@@ -59,6 +59,7 @@ from mergekit_lite.errors import RecipeError
 __all__ = [
     "Recipe",
     "ModelEntry",
+    "TokenizerConfig",
     "Slice",
     "SliceSource",
     "ConditionalParameter",
@@ -158,6 +159,13 @@ class Slice(_Frozen):
         return self
 
 
+class TokenizerConfig(_Frozen):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and row padding."""
+
+    source: StrictStr
+    pad_to_multiple_of: StrictInt | None = Field(default=None, gt=0)
+
+
 class Recipe(_Frozen):
     """A validated, immutable merge recipe (mergekit-compatible)."""
 
@@ -169,6 +177,7 @@ class Recipe(_Frozen):
     dtype: StrictStr | None = None
     out_dtype: StrictStr | None = None
     tokenizer_source: StrictStr | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: StrictStr | None = None
     seed: StrictInt = 0
     output: StrictStr | None = None
@@ -182,16 +191,6 @@ class Recipe(_Frozen):
             raise ValueError(f"unknown dtype {v!r}; use one of float32, bfloat16, float16, float64")
         return DTYPE_ALIASES[v]
 
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _tok(cls, v: str | None) -> str | None:
-        if v == "union":
-            raise ValueError(
-                "tokenizer_source: union (vocabulary merging) is not supported; "
-                "use 'base' or a model reference"
-            )
-        return v
-
     @field_validator("chat_template")
     @classmethod
     def _template(cls, v: str | None) -> str | None:
@@ -203,7 +202,14 @@ class Recipe(_Frozen):
     def _models_xor_slices(self) -> Recipe:
         if bool(self.models) == bool(self.slices):
             raise ValueError("exactly one of 'models' or 'slices' must be given (and non-empty)")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or tokenizer, not both")
         return self
+
+    @property
+    def vocab_source(self) -> str | None:
+        """Where the output vocabulary comes from (base | union | a model), if set."""
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
     # -- conveniences -------------------------------------------------------------
 

@@ -135,10 +135,14 @@ def test_bad_dtype() -> None:
     assert "float8" in err.message
 
 
-def test_tokenizer_source_union_rejected() -> None:
-    err = recipe_error(ties_recipe(tokenizer_source="union"))
-    assert err.where == f"{SRC}: tokenizer_source"
-    assert "union" in err.message
+def test_tokenizer_source_and_block_are_exclusive() -> None:
+    assert parse_recipe(ties_recipe(tokenizer_source="union")).vocab_source == "union"
+    r = parse_recipe(ties_recipe(tokenizer={"source": "base", "pad_to_multiple_of": 64}))
+    assert r.vocab_source == "base" and r.tokenizer is not None
+    err = recipe_error(ties_recipe(tokenizer_source="union", tokenizer={"source": "base"}))
+    assert "not both" in err.message
+    err = recipe_error(ties_recipe(tokenizer={"source": "union", "pad_to_multiple_of": 0}))
+    assert err.where == f"{SRC}: tokenizer.pad_to_multiple_of"
 
 
 @pytest.mark.parametrize(
