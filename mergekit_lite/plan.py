@@ -356,6 +356,22 @@ class _Vocabulary:
         )
 
 
+_ARCH_KEYS = ("model_type", "hidden_size", "n_embd", "d_model")
+
+
+def _check_architectures(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: str) -> None:
+    """Refuse models of different architectures by name, before comparing tensors."""
+    refs = recipe.referenced_models()
+    for key in _ARCH_KEYS:
+        values = {r: checkpoints[r].config.get(key) for r in refs if key in checkpoints[r].config}
+        if len(set(values.values())) > 1:
+            desc = ", ".join(f"{r}: {v}" for r, v in values.items())
+            raise MergeError(
+                f"{source}: models",
+                f"the models have different architectures ({key}: {desc})",
+            )
+
+
 def _layer_count_key(config: Mapping[str, Any]) -> str | None:
     return next((k for k in _LAYER_COUNT_KEYS if k in config), None)
 
@@ -378,6 +394,7 @@ def build_plan(
     for ref in recipe.referenced_models():
         if ref not in checkpoints:
             checkpoints[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+    _check_architectures(recipe, checkpoints, source)
     layouts = {ref: LayerLayout.of(c) for ref, c in checkpoints.items()}
     slices = _normalize_slices(recipe, layouts, source)
 

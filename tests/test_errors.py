@@ -364,3 +364,29 @@ def test_index_listing_a_missing_shard(llama_family: dict[str, Path], tmp_path: 
     )
     out = tmp_path / "merged"
     assert_clean_failure(run_cli("run", recipe, "-o", out), out, victim, "missing")
+
+
+def test_different_architectures_are_refused_by_name(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    from mergekit_lite.synthetic import save_family
+
+    narrow = save_family(tmp_path / "narrow", arch="llama", n_finetunes=0, hidden_size=32)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(llama_family["base"]), "parameters": {"weight": 1.0}},
+                {"model": str(narrow["base"]), "parameters": {"weight": 1.0}},
+            ],
+        },
+    )
+    out = tmp_path / "merged"
+    assert_clean_failure(
+        run_cli("run", recipe, "-o", out),
+        out,
+        "different architectures (hidden_size:",
+        "base: 64",
+        "base: 32",
+    )
