@@ -23,6 +23,16 @@ Verbose = Annotated[
 Device = Annotated[
     str, typer.Option("--device", help="Where the math runs: cpu, cuda, cuda:1, ...")
 ]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle", help="Read legacy .bin checkpoints (torch.load, weights_only=True)."
+    ),
+]
+MaxShardSize = Annotated[
+    str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+]
 
 
 def _terminate(signum: int, frame: object) -> None:

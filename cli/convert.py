@@ -6,7 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from mergekit_lite.cli._common import Verbose, err, out, parse_size, setup_logging, user_errors
+
+from mergekit_lite.cli._common import (
+    AllowPickle,
+    MaxShardSize,
+    Overwrite,
+    Verbose,
+    err,
+    out,
+    parse_size,
+    setup_logging,
+    user_errors,
+)
 
 
 def convert(
@@ -18,16 +29,9 @@ def convert(
         str | None,
         typer.Option("--dtype", help="Cast floating-point weights: float32, float16, bfloat16."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help="Read legacy .bin checkpoints (weights_only=True)."),
-    ] = False,
-    max_shard_size: Annotated[
-        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")
-    ] = "5GB",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    max_shard_size: MaxShardSize = "5GB",
     verbose: Verbose = False,
 ) -> None:
     """Convert a GGUF file or a checkpoint folder into a safetensors model folder."""

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
 from rich.table import Table
+
+from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_RECIPES = ("sft_dpo_task_arithmetic", "ties", "dare_ties", "slerp", "model_stock")

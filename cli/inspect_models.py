@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from mergekit_lite.cli._common import AllowPickle, Verbose, err, out, setup_logging, user_errors
 
 
 def inspect(
@@ -40,10 +41,7 @@ def inspect(
     eps: Annotated[
         float, typer.Option("--eps", help="|delta| <= eps counts as zero (near-zero, signs).")
     ] = 1e-6,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help="Load legacy .bin checkpoints (weights_only=True)."),
-    ] = False,
+    allow_pickle: AllowPickle = False,
     verbose: Verbose = False,
 ) -> None:
     """How far each MODEL moved from BASE, and how their task vectors interfere.

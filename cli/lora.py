@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
+
+from mergekit_lite.cli._common import (
+    AllowPickle,
+    Overwrite,
+    Verbose,
+    err,
+    out,
+    setup_logging,
+    user_errors,
+)
 
 
 def extract_lora(
@@ -14,12 +23,8 @@ def extract_lora(
     base: Annotated[str, typer.Option("--base", help="The model it was fine-tuned from.")],
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Adapter folder to write.")],
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Read legacy .bin checkpoints.")
-    ] = False,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
     verbose: Verbose = False,
 ) -> None:
     """Extract a rank-r PEFT LoRA adapter from MODEL - BASE (truncated SVD per module)."""
@@ -49,9 +54,7 @@ def apply_lora(
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="float32, float16 or bfloat16.")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: Overwrite = False,
     verbose: Verbose = False,
 ) -> None:
     """Fold ADAPTER into BASE and write full weights."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from mergekit_lite.cli import convert as convert_cmd
 from mergekit_lite.cli import demo as demo_cmd
 from mergekit_lite.cli import inspect_models as inspect_cmd

@@ -7,15 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from mergekit_lite.cli._common import (
-    Device,
-    Verbose,
-    err,
-    out,
-    parse_size,
-    setup_logging,
-    user_errors,
-)
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +17,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mergekit_lite.cli._common import (
+    AllowPickle,
+    Device,
+    MaxShardSize,
+    Overwrite,
+    Verbose,
+    err,
+    out,
+    parse_size,
+    setup_logging,
+    user_errors,
+)
+
 
 def run(
     recipe: Annotated[Path, typer.Argument(help="Merge recipe (mergekit-compatible YAML).")],
@@ -33,21 +37,14 @@ def run(
         Path | None,
         typer.Option("--output", "-o", help="Output folder (default: the recipe's 'output')."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: Overwrite = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the plan and the bytes to move; read no weights."),
     ] = False,
     device: Device = "cpu",
-    max_shard_size: Annotated[
-        str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")
-    ] = "5GB",
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help="Load legacy .bin checkpoints (weights_only=True)."),
-    ] = False,
+    max_shard_size: MaxShardSize = "5GB",
+    allow_pickle: AllowPickle = False,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed for DARE/DELLA (overrides the recipe).")
     ] = None,

@@ -98,7 +98,8 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def run_cli(*args: str | Path) -> Any:
     """Invoke the ``merge`` CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
-    from mergekit_lite.cli.main import app
     from typer.testing import CliRunner
+
+    from mergekit_lite.cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])

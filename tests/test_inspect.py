@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import typer
-from mergekit_lite.cli.inspect_models import inspect as inspect_cmd
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from mergekit_lite.cli.inspect_models import inspect as inspect_cmd
 from mergekit_lite.errors import MergeError, RecipeError
 from mergekit_lite.io.checkpoint import Checkpoint
 from mergekit_lite.surgery.inspect import (
