@@ -41,6 +41,7 @@ def demo(
 
         from mergekit_lite.engine import run_merge
         from mergekit_lite.recipe import load_recipe
+        from mergekit_lite.surgery.inspect import inspect_models
         from mergekit_lite.synthetic import save_family
 
         workdir = workdir.resolve()
@@ -99,8 +100,24 @@ def demo(
                     new,
                 )
         out.print(table)
+
+        # what the merges had to reconcile: the fine-tunes' task vectors
+        report = inspect_models(
+            [str(ckpt / n) for n in ("sft", "dpo", "ipo")], base=str(ckpt / "base")
+        )
+        data = report.to_json()
+        for pair in data["pairs"]:
+            whole = pair["whole"]
+            names = [Path(pair[k]).name for k in ("model_a", "model_b")]
+            out.print(
+                f"task vectors {names[0]} x {names[1]}: cosine {whole['cosine']:.2f}, "
+                f"sign conflict {whole['sign_conflict_rate']:.0%} (merge inspect)",
+                highlight=False,
+            )
         out.print(
             f"Each folder under {workdir / 'merged'} is a Hugging Face model (config, "
-            "safetensors, tokenizer, model card). Try: merge run recipes/ties.yaml --dry-run "
-            f"from {workdir}."
+            "safetensors, tokenizer, model card). Try, from "
+            f"{workdir}: merge run {RECIPES_DIR / 'ties.yaml'} --dry-run, or "
+            "merge inspect ckpt/sft ckpt/dpo --base ckpt/base --plot inspect.png",
+            soft_wrap=True,
         )
