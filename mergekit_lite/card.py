@@ -76,6 +76,14 @@ def model_card(plan: MergePlan, *, recipe_text: str | None, title: str) -> str:
         "",
         f"Merged with **{plan.method.title}** (`{plan.method.name}`, {plan.method.paper})"
         + (f", using `{base}` as the base model." if base else "."),
+        *(
+            [
+                f"Its random masks were drawn with seed {recipe.seed}: re-running the recipe "
+                "gives the same weights bit for bit."
+            ]
+            if plan.method.random
+            else []
+        ),
         "",
         "## Models",
         "",

@@ -346,3 +346,14 @@ def test_hub_ids_resolve_from_the_local_cache_offline(
     assert result.exit_code == 2
     assert "test-org/not-cached" in result.stderr and "Hugging Face Hub" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_card_records_the_seed_of_random_methods(
+    qwen_family: dict[str, Path], tmp_path: Path
+) -> None:
+    r = write_recipe(tmp_path / "r.yaml", _ties(qwen_family, merge_method="dare_ties", seed=11))
+    assert run_cli("run", r, "-o", tmp_path / "dare").exit_code == 0
+    assert "drawn with seed 11" in (tmp_path / "dare" / "README.md").read_text()
+    r = write_recipe(tmp_path / "t.yaml", _ties(qwen_family))
+    assert run_cli("run", r, "-o", tmp_path / "ties").exit_code == 0
+    assert "seed" not in (tmp_path / "ties" / "README.md").read_text().split("## Recipe")[0]

@@ -147,7 +147,6 @@ class MethodSpec:
     max_non_base: int | None = None
     random: bool = False
     fixed: dict[str, Any] = field(default_factory=dict)  # bound keywords (method families)
-    slices_only: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -254,7 +253,6 @@ def merge_method(
     max_non_base: int | None = None,
     ranges: dict[str, Range] | None = None,
     random: bool = False,
-    slices_only: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], MethodSpec]:
     """Turn a typed tensor function into a :class:`MethodSpec` (not yet registered)."""
 
@@ -271,7 +269,6 @@ def merge_method(
             min_non_base=min_non_base,
             max_non_base=max_non_base,
             random=random,
-            slices_only=slices_only,
         )
 
     return wrap
