@@ -16,6 +16,7 @@ for non-layer tensors.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ from mergekit_lite.methods.base import MethodSpec, ParamSpec, Scope
 from mergekit_lite.methods.registry import get_method
 from mergekit_lite.recipe import ParameterSetting, Recipe, evaluate_setting, setting_leaves
 from mergekit_lite.vocab import index_map, is_vocab_tensor, output_vocab, read_vocab
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TensorTask", "MergePlan", "check_recipe", "build_plan", "LayerLayout"]
 
@@ -123,6 +126,10 @@ def check_recipe(recipe: Recipe, *, source: str = "recipe") -> MethodSpec:
                 spec.coerce(leaf)
             except ValueError as e:
                 raise RecipeError(where, f"{name} {e}") from None
+        if spec.inert:
+            log.warning(
+                "%s: %r has no effect for %s (accepted as mergekit does)", where, name, method.name
+            )
     if (
         method.base == "required"
         and not recipe.base_model

@@ -357,3 +357,22 @@ def test_card_records_the_seed_of_random_methods(
     r = write_recipe(tmp_path / "t.yaml", _ties(qwen_family))
     assert run_cli("run", r, "-o", tmp_path / "ties").exit_code == 0
     assert "seed" not in (tmp_path / "ties" / "README.md").read_text().split("## Recipe")[0]
+
+
+def test_mergekit_parameters_without_effect_are_accepted_with_a_warning(
+    qwen_family: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mergekit lists density/rescale for task_arithmetic too; its recipes keep running."""
+    plain = _ties(qwen_family, merge_method="task_arithmetic")
+    for m in plain["models"]:
+        m["parameters"] = {"weight": m["parameters"]["weight"]}
+    with_density = dict(
+        plain,
+        models=[dict(m, parameters={**m["parameters"], "density": 0.5}) for m in plain["models"]],
+    )
+    a, b = parse_recipe(plain), parse_recipe(with_density)
+    with caplog.at_level("WARNING"):
+        sd_b = merge_state_dict(b)
+    assert "'density' has no effect for task_arithmetic" in caplog.text
+    sd_a = merge_state_dict(a)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)

@@ -105,6 +105,8 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None
     range: Range | None = None
     nullable: bool = False
+    # accepted for mergekit compatibility but without effect here (a warning says so)
+    inert: bool = False
 
     @property
     def required(self) -> bool:
@@ -174,7 +176,7 @@ class MethodSpec:
     ) -> torch.Tensor:
         """Like calling the spec, but hands ``tensors`` over: the method may set entries
         to ``None`` once it no longer needs them, so the engine's peak memory stays low."""
-        kwargs = {p.arg: params[p.name] for p in self.params if p.name in params}
+        kwargs = {p.arg: params[p.name] for p in self.params if p.name in params and not p.inert}
         extra: dict[str, Any] = {}
         if "rng" in inspect.signature(self.fn).parameters:
             extra["rng"] = rng

@@ -258,6 +258,12 @@ def _family_member(
     fixed: dict[str, Any] = {"sparsifier": sparsifier, "consensus": consensus}
     if not sparsifier:
         fixed.update(density=None, rescale=False)
+        # mergekit 0.1.5 lists these for every member of the family; without a
+        # sparsifier they do nothing, so recipes keep running but are told so
+        params += [
+            ParamSpec("density", "density", Scope.NON_BASE, float, 1.0, range=_DENSITY, inert=True),
+            ParamSpec("rescale", "rescale", Scope.SHARED, bool, False, inert=True),
+        ]
     return MethodSpec(
         name=name,
         fn=task_vector_merge,
