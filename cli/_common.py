@@ -76,9 +76,11 @@ def parse_size(text: str) -> int:
     try:
         value = float(num)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1000000") from None
+        value = -1.0
     if unit not in units or value <= 0:
-        raise typer.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1000000")
+        raise MergekitLiteError(
+            "--max-shard-size", f"{text!r} is not a size like 5GB, 500MB, 2GiB or 1000000"
+        )
     return int(value * units[unit])
 
 

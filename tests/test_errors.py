@@ -390,3 +390,13 @@ def test_different_architectures_are_refused_by_name(
         "base: 64",
         "base: 32",
     )
+
+
+def test_bad_shard_size_and_missing_gpu(qwen_family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", _ties(qwen_family))
+    out = tmp_path / "merged"
+    assert_clean_failure(
+        run_cli("run", recipe, "-o", out, "--max-shard-size", "lots"), out, "--max-shard-size"
+    )
+    if not torch.cuda.is_available():
+        assert_clean_failure(run_cli("run", recipe, "-o", out, "--device", "cuda"), out, "GPU")

@@ -100,8 +100,9 @@ class Checkpoint:
 
     @property
     def tie_word_embeddings(self) -> bool:
+        """As transformers reads it: absent means tied (PretrainedConfig's default)."""
         cfg = self.config.get("text_config", self.config)
-        return bool(cfg.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
+        return bool(cfg.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)))
 
     @property
     def total_bytes(self) -> int:
