@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "MergeError",
     "OutputExistsError",
+    "DataError",
 ]
 
 
@@ -42,3 +43,7 @@ class MergeError(MergekitLiteError):
 
 class OutputExistsError(MergekitLiteError):
     """The output path exists and overwriting was not requested."""
+
+
+class DataError(MergekitLiteError):
+    """A training or evaluation data file has no usable rows (``where`` is the file)."""
