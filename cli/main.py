@@ -9,6 +9,7 @@ from mergekit_lite.cli import demo as demo_cmd
 from mergekit_lite.cli import inspect_models as inspect_cmd
 from mergekit_lite.cli import lora as lora_cmd
 from mergekit_lite.cli import run as run_cmd
+from mergekit_lite.cli import train as train_cmd
 
 app = typer.Typer(
     name="merge",
@@ -23,6 +24,7 @@ app.command("convert")(convert_cmd.convert)
 app.command("extract-lora")(lora_cmd.extract_lora)
 app.command("apply-lora")(lora_cmd.apply_lora)
 app.command("demo")(demo_cmd.demo)
+app.add_typer(train_cmd.app, name="train")
 
 
 @app.callback()

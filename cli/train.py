@@ -1,0 +1,62 @@
+"""``merge train sft CONFIG.yaml [--key value ...]``: post-training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mergekit_lite.cli._common import Verbose, err, out, setup_logging, user_errors
+
+app = typer.Typer(help="Train the checkpoints that merges combine.", no_args_is_help=True)
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("sft", context_settings=_EXTRA)
+def sft(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="Training config (YAML).")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Supervised fine-tuning: cross-entropy on completion tokens.
+
+    Any config key can be overridden: --learning_rate 1e-4 --dataset.train data.jsonl
+    """
+    setup_logging(verbose)
+    with user_errors(verbose):
+        from mergekit_lite.train.config import SFTConfig, load_train_config, parse_overrides
+        from mergekit_lite.train.loop import Dist
+        from mergekit_lite.train.sft import train_sft
+
+        cfg = load_train_config(SFTConfig, config, parse_overrides(list(ctx.args)))
+        main = Dist.setup(cfg.device).main
+        with Progress(
+            TextColumn("[bold]sft"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=not main,
+        ) as bar:
+            job = bar.add_task("sft", total=cfg.max_steps, loss="-")
+
+            def on_log(entry: dict[str, Any]) -> None:
+                bar.update(job, completed=entry["step"], loss=f"{entry['loss']:.4f}")
+
+            result = train_sft(cfg, resume=resume, on_log=on_log)
+        if main:
+            last = result.history[-1] if result.history else {}
+            out.print(
+                f"{result.output_dir}: {result.steps} steps, final loss "
+                f"{last.get('loss', float('nan')):.4f}, log in log.jsonl, curve in loss.png",
+                soft_wrap=True,
+                highlight=False,
+            )
