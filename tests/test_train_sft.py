@@ -103,13 +103,9 @@ def test_two_processes_match_one(sft_setup: dict[str, Path], tmp_path: Path) -> 
         yaml.safe_dump(_config(sft_setup, tmp_path / "two", batch_size=4).model_dump(mode="json"))
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "mergekit_lite.cli.main", "train", "sft", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )  # fmt: skip
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29517"]
+    command += ["-m", "mergekit_lite.cli.main", "train", "sft", str(cfg)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert _losses(two) == pytest.approx(_losses(one.history), abs=1e-4)
