@@ -61,7 +61,7 @@ class TrainConfig(_Frozen):
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: cross-entropy on completion tokens."""
 
-    packing: bool = False  # several examples per row, positions reset per example
+    packing: bool = False  # several examples per row, isolated by position ids and mask
 
 
 C = TypeVar("C", bound=TrainConfig)

@@ -141,6 +141,7 @@ def fit(
     evaluate: Sequence[Any] | None,
     collate: Collate,
     loss_fn: LossFn,
+    eval_collate: Collate | None = None,
     resume_from: Path | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     stop_at: int | None = None,
@@ -232,7 +233,9 @@ def fit(
             for k, v in metrics_sum.items():
                 entry[k] = dist.sum(v) / max(global_targets, 1.0)
             if evaluate and config.eval_steps and (step % config.eval_steps == 0 or step == total):
-                entry["eval_loss"] = _evaluate(model, evaluate, collate, loss_fn, config, device)
+                entry["eval_loss"] = _evaluate(
+                    model, evaluate, eval_collate or collate, loss_fn, config, device
+                )
                 model.train()
             history.append(entry)
             if dist.main:
