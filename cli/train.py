@@ -15,29 +15,56 @@ app = typer.Typer(help="Train the checkpoints that merges combine.", no_args_is_
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+Config = Annotated[Path, typer.Argument(help="Training config (YAML).")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")
+]
+
+
 @app.command("sft", context_settings=_EXTRA)
 def sft(
-    ctx: typer.Context,
-    config: Annotated[Path, typer.Argument(help="Training config (YAML).")],
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")
-    ] = False,
-    verbose: Verbose = False,
+    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
 ) -> None:
     """Supervised fine-tuning: cross-entropy on completion tokens.
 
     Any config key can be overridden: --learning_rate 1e-4 --dataset.train data.jsonl
     """
+    _run("sft", ctx, config, resume, verbose)
+
+
+@app.command("rm", context_settings=_EXTRA)
+def rm(
+    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
+) -> None:
+    """Reward model: Bradley-Terry loss on (prompt, chosen, rejected) pairs.
+
+    Any config key can be overridden: --learning_rate 1e-4 --dataset.train pairs.jsonl
+    """
+    _run("rm", ctx, config, resume, verbose)
+
+
+def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: bool) -> None:
     setup_logging(verbose)
     with user_errors(verbose):
-        from mergekit_lite.train.config import SFTConfig, load_train_config, parse_overrides
+        from mergekit_lite.train.config import (
+            RMConfig,
+            SFTConfig,
+            load_train_config,
+            parse_overrides,
+        )
         from mergekit_lite.train.loop import Dist
+        from mergekit_lite.train.rm import train_rm
         from mergekit_lite.train.sft import train_sft
 
-        cfg = load_train_config(SFTConfig, config, parse_overrides(list(ctx.args)))
+        trainers: dict[str, tuple[type[Any], Any]] = {
+            "sft": (SFTConfig, train_sft),
+            "rm": (RMConfig, train_rm),
+        }
+        cls, trainer = trainers[kind]
+        cfg = load_train_config(cls, config, parse_overrides(list(ctx.args)))
         main = Dist.setup(cfg.device).main
         with Progress(
-            TextColumn("[bold]sft"),
+            TextColumn(f"[bold]{kind}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -46,12 +73,12 @@ def sft(
             transient=True,
             disable=not main,
         ) as bar:
-            job = bar.add_task("sft", total=cfg.max_steps, loss="-")
+            job = bar.add_task(kind, total=cfg.max_steps, loss="-")
 
             def on_log(entry: dict[str, Any]) -> None:
                 bar.update(job, completed=entry["step"], loss=f"{entry['loss']:.4f}")
 
-            result = train_sft(cfg, resume=resume, on_log=on_log)
+            result = trainer(cfg, resume=resume, on_log=on_log)
         if main:
             last = result.history[-1] if result.history else {}
             out.print(

@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mergekit_lite.errors import RecipeError
 
-__all__ = ["DatasetFiles", "TrainConfig", "SFTConfig", "load_train_config", "parse_overrides"]
+__all__ = [
+    "DatasetFiles",
+    "TrainConfig",
+    "SFTConfig",
+    "RMConfig",
+    "load_train_config",
+    "parse_overrides",
+]
 
 
 class _Frozen(BaseModel):
@@ -62,6 +69,12 @@ class SFTConfig(TrainConfig):
     """Supervised fine-tuning: cross-entropy on completion tokens."""
 
     packing: bool = False  # several examples per row, isolated by position ids and mask
+
+
+class RMConfig(TrainConfig):
+    """Reward model: Bradley-Terry on (chosen, rejected) pairs."""
+
+    center_rewards_coefficient: float = Field(default=0.0, ge=0)
 
 
 C = TypeVar("C", bound=TrainConfig)

@@ -6,7 +6,8 @@ Formats (one JSON object per line):
   the assistant's and is the completion), ``{"prompt", "completion"}`` or ``{"text"}``
   (every token is a target);
 * preference: ``{"prompt", "chosen", "rejected"}``, as strings or message lists (the
-  prompt's messages, and the chosen/rejected assistant turns);
+  prompt's messages, and the chosen/rejected assistant turns), with an optional
+  numeric ``margin``;
 * unpaired (KTO): ``{"prompt", "completion", "label"}`` with a boolean label;
 * prompt-only (PPO): ``{"prompt"}``.
 
@@ -30,6 +31,7 @@ from mergekit_lite.errors import DataError
 
 __all__ = [
     "RowError",
+    "Tokens",
     "SFTExample",
     "PreferenceExample",
     "UnpairedExample",
@@ -70,6 +72,7 @@ class PreferenceExample:
     prompt: list[int]
     chosen: list[int]  # completion tokens only
     rejected: list[int]
+    margin: float = 0.0  # optional per-row preference strength (reward-model margin)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def _nonempty_str(value: Any, key: str) -> str:
     return value
 
 
-class _Tokens:
+class Tokens:
     """Prompt and completion token ids, as chat template or plain text."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -207,7 +210,7 @@ def _load(path: str | Path, build: Any) -> Loaded:
 
 def load_sft(path: str | Path, tokenizer: Any, *, max_length: int) -> Loaded:
     """SFT examples with labels on the completion (``text``: on everything)."""
-    t = _Tokens(tokenizer, max_length)
+    t = Tokens(tokenizer, max_length)
 
     def build(row: dict[str, Any]) -> SFTExample:
         if "messages" in row:
@@ -231,21 +234,24 @@ def load_sft(path: str | Path, tokenizer: Any, *, max_length: int) -> Loaded:
 
 def load_preference(path: str | Path, tokenizer: Any, *, max_length: int) -> Loaded:
     """``{"prompt", "chosen", "rejected"}`` rows as token ids."""
-    t = _Tokens(tokenizer, max_length)
+    t = Tokens(tokenizer, max_length)
 
     def build(row: dict[str, Any]) -> PreferenceExample:
         _require(row, "prompt", "chosen", "rejected")
         prompt, msgs = t.prompt(row["prompt"])
         chosen = t.fit(prompt, t.completion(row["chosen"], "chosen", msgs))
         rejected = t.fit(prompt, t.completion(row["rejected"], "rejected", msgs))
-        return PreferenceExample(prompt, chosen, rejected)
+        margin = row.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise _BadRow("'margin' must be a number")
+        return PreferenceExample(prompt, chosen, rejected, float(margin))
 
     return _load(path, build)
 
 
 def load_unpaired(path: str | Path, tokenizer: Any, *, max_length: int) -> Loaded:
     """``{"prompt", "completion", "label"}`` rows (KTO)."""
-    t = _Tokens(tokenizer, max_length)
+    t = Tokens(tokenizer, max_length)
 
     def build(row: dict[str, Any]) -> UnpairedExample:
         _require(row, "prompt", "completion", "label")
@@ -260,7 +266,7 @@ def load_unpaired(path: str | Path, tokenizer: Any, *, max_length: int) -> Loade
 
 def load_prompts(path: str | Path, tokenizer: Any, *, max_length: int) -> Loaded:
     """``{"prompt"}`` rows (PPO rollouts)."""
-    t = _Tokens(tokenizer, max_length)
+    t = Tokens(tokenizer, max_length)
 
     def build(row: dict[str, Any]) -> PromptExample:
         _require(row, "prompt")

@@ -283,7 +283,10 @@ def _evaluate(
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> int:
-    """How many targets a batch's loss sums over: labelled tokens, else examples."""
+    """How many targets a batch's loss sums over: ``n_targets`` if the collate says,
+    else the labelled tokens, else the examples."""
+    if "n_targets" in batch:
+        return int(batch["n_targets"])
     if "labels" in batch:
         return int((batch["labels"] != -100).sum())
     return int(next(iter(batch.values())).shape[0])

@@ -1,0 +1,112 @@
+"""Reward model (the article's stage 2): a separate scalar-head model trained on pairs.
+
+``AutoModelForSequenceClassification`` with ``num_labels=1``, initialised from a causal
+LM checkpoint (usually the SFT output; the head is new). The reward of a (prompt,
+completion) is the head's value at the last non-padding token. Bradley-Terry loss
+(Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, https://arxiv.org/abs/2203.02155)::
+
+    loss = -log s(r_chosen - r_rejected - margin) + c * (r_chosen + r_rejected)^2
+
+with an optional per-row ``margin`` (Llama 2, Touvron et al. 2023) and
+``center_rewards_coefficient`` c (Eisenstein et al. 2023) that keeps rewards centred.
+Metrics: ``accuracy`` (r_chosen > r_rejected), ``margin`` (mean r_chosen - r_rejected),
+``rewards/chosen``, ``rewards/rejected``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mergekit_lite.train.config import RMConfig
+from mergekit_lite.train.data import PreferenceExample, load_preference
+from mergekit_lite.train.loop import FitResult, fit, latest_checkpoint
+
+__all__ = ["collate_pairs", "rewards", "rm_loss", "train_rm"]
+
+
+def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows (2B, T), right-padded, plus margins (B,)."""
+    seqs = [e.prompt + e.chosen for e in examples] + [e.prompt + e.rejected for e in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "margin": torch.tensor([e.margin for e in examples], dtype=torch.float32),
+        "n_targets": torch.tensor(len(examples)),
+    }
+
+
+def rewards(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The scalar head at each row's last non-padding token: (B,)."""
+    backbone: Any = getattr(model, "module", model)  # DistributedDataParallel wraps it
+    hidden = backbone.base_model(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state
+    last = attention_mask.sum(-1) - 1  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return backbone.score(pooled).squeeze(-1).float()
+
+
+def rm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], center_rewards_coefficient: float = 0.0
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    r = rewards(model, batch["input_ids"], batch["attention_mask"])
+    b = r.shape[0] // 2
+    chosen, rejected = r[:b], r[b:]
+    losses = -F.logsigmoid(chosen - rejected - batch["margin"])
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    metrics = {
+        "accuracy": float((chosen > rejected).float().mean()),
+        "margin": float((chosen - rejected).mean()),
+        "rewards/chosen": float(chosen.mean()),
+        "rewards/rejected": float(rejected.mean()),
+    }
+    return losses.sum(), b, metrics
+
+
+def train_rm(config: RMConfig, *, resume: bool = False, **fit_kwargs: Any) -> FitResult:
+    """Load (or initialise) the reward model and the pairs, train, write the folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    ckpt = latest_checkpoint(Path(config.output_dir)) if resume else None
+    source = str(ckpt) if ckpt is not None else config.model
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(config.seed)  # the new head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train = load_preference(config.dataset.train, tokenizer, max_length=config.max_length)
+    evaluate = (
+        load_preference(config.dataset.eval, tokenizer, max_length=config.max_length).examples
+        if config.dataset.eval
+        else None
+    )
+    pad = int(tokenizer.pad_token_id)
+    c = config.center_rewards_coefficient
+    return fit(
+        model,
+        tokenizer,
+        config,
+        train=train.examples,
+        evaluate=evaluate,
+        collate=lambda ex: collate_pairs(ex, pad),
+        loss_fn=lambda m, b: rm_loss(m, b, c),
+        resume_from=ckpt,
+        **fit_kwargs,
+    )
