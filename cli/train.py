@@ -43,15 +43,28 @@ def rm(
     _run("rm", ctx, config, resume, verbose)
 
 
+@app.command("dpo", context_settings=_EXTRA)
+def dpo(
+    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
+) -> None:
+    """Preference optimisation: DPO, IPO, hinge, robust, ORPO, SimPO or KTO (loss_type).
+
+    Any config key can be overridden: --beta 0.05 --loss_type ipo
+    """
+    _run("dpo", ctx, config, resume, verbose)
+
+
 def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: bool) -> None:
     setup_logging(verbose)
     with user_errors(verbose):
         from mergekit_lite.train.config import (
+            DPOConfig,
             RMConfig,
             SFTConfig,
             load_train_config,
             parse_overrides,
         )
+        from mergekit_lite.train.dpo import train_dpo
         from mergekit_lite.train.loop import Dist
         from mergekit_lite.train.rm import train_rm
         from mergekit_lite.train.sft import train_sft
@@ -59,6 +72,7 @@ def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: boo
         trainers: dict[str, tuple[type[Any], Any]] = {
             "sft": (SFTConfig, train_sft),
             "rm": (RMConfig, train_rm),
+            "dpo": (DPOConfig, train_dpo),
         }
         cls, trainer = trainers[kind]
         cfg = load_train_config(cls, config, parse_overrides(list(ctx.args)))

@@ -20,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "SFTConfig",
     "RMConfig",
+    "DPOConfig",
     "load_train_config",
     "parse_overrides",
 ]
@@ -75,6 +76,27 @@ class RMConfig(TrainConfig):
     """Reward model: Bradley-Terry on (chosen, rejected) pairs."""
 
     center_rewards_coefficient: float = Field(default=0.0, ge=0)
+
+
+class DPOConfig(TrainConfig):
+    """The preference-optimisation family (see :mod:`mergekit_lite.train.losses`)."""
+
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "orpo", "simpo", "kto"] = "sigmoid"
+    beta: float = Field(default=0.1, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    gamma: float = 0.5  # SimPO's target reward margin
+    reference_model: str | None = None  # default: the starting policy (``model``)
+    precompute_ref_logprobs: bool = False  # reference log-probs once, before training
+    desirable_weight: float = Field(default=1.0, gt=0)  # KTO
+    undesirable_weight: float = Field(default=1.0, gt=0)  # KTO
+
+    @model_validator(mode="after")
+    def _kto_reference(self) -> DPOConfig:
+        if self.loss_type == "kto" and self.precompute_ref_logprobs:
+            raise ValueError(
+                "precompute_ref_logprobs does not apply to kto: its KL pairs are formed per batch"
+            )
+        return self
 
 
 C = TypeVar("C", bound=TrainConfig)
