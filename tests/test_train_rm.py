@@ -17,17 +17,11 @@ from mergekit_lite.train.rm import rm_loss, train_rm
 
 
 class _Head(torch.nn.Module):
-    """A stand-in 'model' whose reward is the last token id / 10 (for the loss by hand)."""
+    """A stand-in reward model: the last non-padding token id / 10 (for the loss by hand)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.score = torch.nn.Identity()
-
-    def base_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
-        class Out:
-            last_hidden_state = input_ids.float().unsqueeze(-1) / 10
-
-        return Out()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = attention_mask.sum(-1) - 1
+        return input_ids[torch.arange(input_ids.shape[0]), last].float() / 10
 
 
 def test_bradley_terry_by_hand() -> None:

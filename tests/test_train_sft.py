@@ -4,10 +4,6 @@ batches or processes), and a resumed run continues exactly."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +87,6 @@ def test_resume_equals_an_uninterrupted_run(sft_setup: dict[str, Path], tmp_path
     assert _losses(rest.history) == pytest.approx(_losses(straight.history), abs=1e-6)
     logged = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))
-
-
-def test_two_processes_match_one(sft_setup: dict[str, Path], tmp_path: Path) -> None:
-    """torchrun --nproc_per_node 2 (gloo, CPU) vs one process with the same global batch."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None
-    one = train_sft(_config(sft_setup, tmp_path / "one", batch_size=8))
-    cfg = tmp_path / "ddp.yaml"
-    cfg.write_text(
-        yaml.safe_dump(_config(sft_setup, tmp_path / "two", batch_size=4).model_dump(mode="json"))
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29517"]
-    command += ["-m", "mergekit_lite.cli.main", "train", "sft", str(cfg)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert _losses(two) == pytest.approx(_losses(one.history), abs=1e-4)
 
 
 def test_cli_config_errors_and_overrides(sft_setup: dict[str, Path], tmp_path: Path) -> None:

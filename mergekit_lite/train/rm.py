@@ -26,7 +26,7 @@ from mergekit_lite.train.config import RMConfig
 from mergekit_lite.train.data import PreferenceExample, load_preference
 from mergekit_lite.train.loop import FitResult, fit, latest_checkpoint
 
-__all__ = ["collate_pairs", "rewards", "rm_loss", "train_rm"]
+__all__ = ["RewardHead", "collate_pairs", "rewards", "rm_loss", "train_rm"]
 
 
 def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -46,23 +46,34 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[st
     }
 
 
-def rewards(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The scalar head at each row's last non-padding token: (B,)."""
-    backbone: Any = getattr(model, "module", model)  # DistributedDataParallel wraps it
-    hidden = backbone.base_model(
-        input_ids=input_ids, attention_mask=attention_mask
-    ).last_hidden_state
+def rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a sequence-classification model at each row's last
+    non-padding token (by the attention mask, whatever the pad token is): (B,)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.sum(-1) - 1  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return backbone.score(pooled).squeeze(-1).float()
+    return model.score(pooled).squeeze(-1).float()
+
+
+class RewardHead(torch.nn.Module):
+    """Wraps the model so that the loop's forward (and DistributedDataParallel's gradient
+    synchronisation, which hooks the forward) goes through :func:`rewards`."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return rewards(self.model, input_ids, attention_mask)
+
+    def save_pretrained(self, path: Any) -> None:
+        self.model.save_pretrained(path)
 
 
 def rm_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], center_rewards_coefficient: float = 0.0
 ) -> tuple[torch.Tensor, int, dict[str, float]]:
-    r = rewards(model, batch["input_ids"], batch["attention_mask"])
+    r = model(batch["input_ids"], batch["attention_mask"])
     b = r.shape[0] // 2
     chosen, rejected = r[:b], r[b:]
     losses = -F.logsigmoid(chosen - rejected - batch["margin"])
@@ -100,7 +111,7 @@ def train_rm(config: RMConfig, *, resume: bool = False, **fit_kwargs: Any) -> Fi
     pad = int(tokenizer.pad_token_id)
     c = config.center_rewards_coefficient
     return fit(
-        model,
+        RewardHead(model),
         tokenizer,
         config,
         train=train.examples,
