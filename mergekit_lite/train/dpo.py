@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from mergekit_lite.train.data import (
     load_preference,
     load_unpaired,
 )
-from mergekit_lite.train.loop import FitResult, fit, latest_checkpoint
+from mergekit_lite.train.loop import FitResult, fit, load_splits, prepare
 from mergekit_lite.train.losses import (
     REFERENCE_FREE,
     PreferenceLogps,
@@ -179,13 +178,9 @@ def _precompute(
 
 def train_dpo(config: DPOConfig, *, resume: bool = False, **fit_kwargs: Any) -> FitResult:
     """Load the policy (and reference), the data, train, write the folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    ckpt = latest_checkpoint(Path(config.output_dir)) if resume else None
-    source = str(ckpt) if ckpt is not None else config.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ckpt, source, tokenizer = prepare(config, resume=resume)
     pad = int(tokenizer.pad_token_id)
     policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     reference: Any = None
@@ -196,14 +191,9 @@ def train_dpo(config: DPOConfig, *, resume: bool = False, **fit_kwargs: Any) -> 
         reference.to(config.device).eval().requires_grad_(False)
 
     load = load_unpaired if config.loss_type == "kto" else load_preference
-    train: Sequence[Any] = load(
-        config.dataset.train, tokenizer, max_length=config.max_length
-    ).examples
-    evaluate = (
-        load(config.dataset.eval, tokenizer, max_length=config.max_length).examples
-        if config.dataset.eval
-        else None
-    )
+    train: Sequence[Any]
+    evaluate: Sequence[Any] | None
+    train, evaluate = load_splits(load, config, tokenizer)
     collate: Any = (
         (lambda ex: collate_unpaired(ex, pad))
         if config.loss_type == "kto"

@@ -35,7 +35,7 @@ import yaml
 from mergekit_lite.train.config import TrainConfig
 from mergekit_lite.train.plots import plot_history
 
-__all__ = ["fit", "FitResult", "Dist", "LossFn", "latest_checkpoint"]
+__all__ = ["fit", "FitResult", "Dist", "LossFn", "latest_checkpoint", "prepare", "load_splits"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,32 @@ def _lr_lambda(config: TrainConfig, total: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def prepare(config: TrainConfig, *, resume: bool) -> tuple[Path | None, str, Any]:
+    """What every trainer starts with: the checkpoint to resume from (if asked and
+    present), the folder to load the model from, and its tokenizer (with a pad token)."""
+    from transformers import AutoTokenizer
+
+    ckpt = latest_checkpoint(Path(config.output_dir)) if resume else None
+    source = str(ckpt) if ckpt is not None else config.model
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ckpt, source, tokenizer
+
+
+def load_splits(
+    load: Callable[..., Any], config: TrainConfig, tokenizer: Any
+) -> tuple[list[Any], list[Any] | None]:
+    """The train examples and, if configured, the eval examples, through a data loader."""
+    train = load(config.dataset.train, tokenizer, max_length=config.max_length).examples
+    evaluate = (
+        load(config.dataset.eval, tokenizer, max_length=config.max_length).examples
+        if config.dataset.eval
+        else None
+    )
+    return train, evaluate
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -16,7 +16,6 @@ Metrics: ``accuracy`` (r_chosen > r_rejected), ``margin`` (mean r_chosen - r_rej
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from mergekit_lite.train.config import RMConfig
 from mergekit_lite.train.data import PreferenceExample, load_preference
-from mergekit_lite.train.loop import FitResult, fit, latest_checkpoint
+from mergekit_lite.train.loop import FitResult, fit, load_splits, prepare
 
 __all__ = ["RewardHead", "collate_pairs", "rewards", "rm_loss", "train_rm"]
 
@@ -90,31 +89,22 @@ def rm_loss(
 
 def train_rm(config: RMConfig, *, resume: bool = False, **fit_kwargs: Any) -> FitResult:
     """Load (or initialise) the reward model and the pairs, train, write the folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    ckpt = latest_checkpoint(Path(config.output_dir)) if resume else None
-    source = str(ckpt) if ckpt is not None else config.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ckpt, source, tokenizer = prepare(config, resume=resume)
     torch.manual_seed(config.seed)  # the new head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    train = load_preference(config.dataset.train, tokenizer, max_length=config.max_length)
-    evaluate = (
-        load_preference(config.dataset.eval, tokenizer, max_length=config.max_length).examples
-        if config.dataset.eval
-        else None
-    )
+    train, evaluate = load_splits(load_preference, config, tokenizer)
     pad = int(tokenizer.pad_token_id)
     c = config.center_rewards_coefficient
     return fit(
         RewardHead(model),
         tokenizer,
         config,
-        train=train.examples,
+        train=train,
         evaluate=evaluate,
         collate=lambda ex: collate_pairs(ex, pad),
         loss_fn=lambda m, b: rm_loss(m, b, c),

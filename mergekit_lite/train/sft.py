@@ -13,7 +13,6 @@ loss as its examples one by one, with less padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from mergekit_lite.train.config import SFTConfig
 from mergekit_lite.train.data import IGNORE, SFTExample, load_sft
-from mergekit_lite.train.loop import FitResult, fit, latest_checkpoint
+from mergekit_lite.train.loop import FitResult, fit, load_splits, prepare
 
 __all__ = ["sft_loss", "collate_sft", "collate_packed", "pack", "train_sft"]
 
@@ -98,25 +97,16 @@ def sft_loss(
 
 def train_sft(config: SFTConfig, *, resume: bool = False, **fit_kwargs: Any) -> FitResult:
     """Load the model and data, train, and write the checkpoint folder(s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    ckpt = latest_checkpoint(Path(config.output_dir)) if resume else None
-    source = str(ckpt) if ckpt is not None else config.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ckpt, source, tokenizer = prepare(config, resume=resume)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    train = load_sft(config.dataset.train, tokenizer, max_length=config.max_length)
-    evaluate = (
-        load_sft(config.dataset.eval, tokenizer, max_length=config.max_length).examples
-        if config.dataset.eval
-        else None
-    )
+    train, evaluate = load_splits(load_sft, config, tokenizer)
     pad = int(tokenizer.pad_token_id)
-    examples: Sequence[Any] = train.examples
+    examples: Sequence[Any] = train
     collate: Any = lambda ex: collate_sft(ex, pad)  # noqa: E731
     if config.packing:
-        examples = pack(train.examples, config.max_length)
+        examples = pack(train, config.max_length)
         collate = lambda rows: collate_packed(rows, pad)  # noqa: E731
     return fit(
         model,
