@@ -54,11 +54,21 @@ def dpo(
     _run("dpo", ctx, config, resume, verbose)
 
 
+@app.command("ppo", context_settings=_EXTRA)
+def ppo(ctx: typer.Context, config: Config, verbose: Verbose = False) -> None:
+    """RLHF with PPO: policy, frozen reference, frozen reward model, value model.
+
+    Any config key can be overridden: --kl_coef 0.1 --max_new_tokens 64
+    """
+    _run("ppo", ctx, config, False, verbose)
+
+
 def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: bool) -> None:
     setup_logging(verbose)
     with user_errors(verbose):
         from mergekit_lite.train.config import (
             DPOConfig,
+            PPOConfig,
             RMConfig,
             SFTConfig,
             load_train_config,
@@ -66,6 +76,7 @@ def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: boo
         )
         from mergekit_lite.train.dpo import train_dpo
         from mergekit_lite.train.loop import Dist
+        from mergekit_lite.train.ppo import train_ppo
         from mergekit_lite.train.rm import train_rm
         from mergekit_lite.train.sft import train_sft
 
@@ -73,6 +84,7 @@ def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: boo
             "sft": (SFTConfig, train_sft),
             "rm": (RMConfig, train_rm),
             "dpo": (DPOConfig, train_dpo),
+            "ppo": (PPOConfig, train_ppo),
         }
         cls, trainer = trainers[kind]
         cfg = load_train_config(cls, config, parse_overrides(list(ctx.args)))
@@ -92,7 +104,8 @@ def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: boo
             def on_log(entry: dict[str, Any]) -> None:
                 bar.update(job, completed=entry["step"], loss=f"{entry['loss']:.4f}")
 
-            result = trainer(cfg, resume=resume, on_log=on_log)
+            kwargs = {"resume": resume} if kind != "ppo" else {}
+            result = trainer(cfg, on_log=on_log, **kwargs)
         if main:
             last = result.history[-1] if result.history else {}
             out.print(

@@ -21,6 +21,7 @@ __all__ = [
     "SFTConfig",
     "RMConfig",
     "DPOConfig",
+    "PPOConfig",
     "load_train_config",
     "parse_overrides",
 ]
@@ -97,6 +98,29 @@ class DPOConfig(TrainConfig):
                 "precompute_ref_logprobs does not apply to kto: its KL pairs are formed per batch"
             )
         return self
+
+
+class PPOConfig(TrainConfig):
+    """RLHF with PPO: ``max_steps`` rollouts of ``batch_size`` prompts each."""
+
+    reward_model: str
+    reference_model: str | None = None  # default: the starting policy
+    value_model: str | None = None  # default: the reward model
+    kl_coef: float = Field(default=0.05, ge=0)  # beta
+    adaptive_kl: bool = False
+    kl_target: float = Field(default=6.0, gt=0)
+    kl_horizon: int = Field(default=10000, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    missing_eos_penalty: float | None = None
+    ppo_epochs: int = Field(default=4, gt=0)
+    num_mini_batches: int = Field(default=1, gt=0)
+    cliprange: float = Field(default=0.2, gt=0)
+    cliprange_value: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0)
+    gamma: float = Field(default=1.0, gt=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    whiten_advantages: bool = True
 
 
 C = TypeVar("C", bound=TrainConfig)

@@ -49,7 +49,8 @@ def rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """The scalar head of a sequence-classification model at each row's last
     non-padding token (by the attention mask, whatever the pad token is): (B,)."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = attention_mask.sum(-1) - 1  # (B,)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(-1)  # (B,) last real token, any padding side
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return model.score(pooled).squeeze(-1).float()
 
