@@ -55,12 +55,14 @@ def dpo(
 
 
 @app.command("ppo", context_settings=_EXTRA)
-def ppo(ctx: typer.Context, config: Config, verbose: Verbose = False) -> None:
+def ppo(
+    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
+) -> None:
     """RLHF with PPO: policy, frozen reference, frozen reward model, value model.
 
     Any config key can be overridden: --kl_coef 0.1 --max_new_tokens 64
     """
-    _run("ppo", ctx, config, False, verbose)
+    _run("ppo", ctx, config, resume, verbose)
 
 
 def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: bool) -> None:
@@ -104,8 +106,7 @@ def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: boo
             def on_log(entry: dict[str, Any]) -> None:
                 bar.update(job, completed=entry["step"], loss=f"{entry['loss']:.4f}")
 
-            kwargs = {"resume": resume} if kind != "ppo" else {}
-            result = trainer(cfg, on_log=on_log, **kwargs)
+            result = trainer(cfg, resume=resume, on_log=on_log)
         if main:
             last = result.history[-1] if result.history else {}
             out.print(

@@ -138,3 +138,15 @@ def test_missing_eos_penalty_and_reward_model_cli(
     AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
     log = json.loads((tmp_path / "cli" / "log.jsonl").read_text().splitlines()[-1])
     assert log["step"] == 1 and "objective/scores" in log
+
+
+def test_resume_equals_an_uninterrupted_run(ppo_setup: dict[str, Path], tmp_path: Path) -> None:
+    straight = train_ppo(_config(ppo_setup, tmp_path / "s", max_steps=4), reward_fn=_count_target)
+    out = tmp_path / "r"
+    first = train_ppo(_config(ppo_setup, out, max_steps=4), reward_fn=_count_target, stop_at=2)
+    assert first.steps == 2 and (out / "checkpoint-2" / "value_model" / "config.json").is_file()
+    rest = train_ppo(_config(ppo_setup, out, max_steps=4), reward_fn=_count_target, resume=True)
+    for key in ("loss", "objective/scores", "objective/kl"):
+        assert [h[key] for h in rest.history] == pytest.approx(
+            [h[key] for h in straight.history], abs=1e-5
+        )

@@ -41,7 +41,7 @@ import yaml
 
 from mergekit_lite.train.config import PPOConfig
 from mergekit_lite.train.data import PromptExample, load_prompts
-from mergekit_lite.train.loop import FitResult, _lr_lambda
+from mergekit_lite.train.loop import FitResult, _lr_lambda, prepare
 from mergekit_lite.train.plots import plot_history
 from mergekit_lite.train.rm import rewards as rm_rewards
 
@@ -136,22 +136,24 @@ def train_ppo(
     *,
     reward_fn: RewardFn | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
 ) -> FitResult:
     """Run ``max_steps`` PPO iterations in one process; writes the policy (and the value
-    model under ``value_model/``) to ``output_dir``."""
+    model under ``value_model/``) to ``output_dir``. With ``resume`` the run continues
+    from the last ``checkpoint-N`` exactly as it would have (sampling and mini-batch
+    order are seeded by the step); ``stop_at`` ends it early after a checkpoint."""
     import os
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("PPO runs in a single process; start it without torchrun")
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ckpt, source, tokenizer = prepare(config, resume=resume)
     pad, eos = int(tokenizer.pad_token_id), tokenizer.eos_token_id
-    policy: Any = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    policy: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     policy.to(device)
     reference: Any = AutoModelForCausalLM.from_pretrained(
         config.reference_model or config.model, dtype=torch.float32
@@ -163,8 +165,9 @@ def train_ppo(
             config.reward_model, num_labels=1, dtype=torch.float32
         ).to(device)
         reward_model.eval().requires_grad_(False)
+    value_source = ckpt / "value_model" if ckpt else config.value_model or config.reward_model
     value_model = AutoModelForSequenceClassification.from_pretrained(
-        config.value_model or config.reward_model, num_labels=1, dtype=torch.float32
+        value_source, num_labels=1, dtype=torch.float32
     ).to(device)
     prompts: Sequence[PromptExample] = load_prompts(
         config.dataset.train, tokenizer, max_length=config.max_length
@@ -180,10 +183,32 @@ def train_ppo(
     per_epoch = len(prompts) // config.batch_size
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "log.jsonl").write_text("")
     beta = config.kl_coef
     history: list[dict[str, Any]] = []
+    first = 0
+    if ckpt is not None:
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        first, beta, history = state["step"], state["kl_coef"], state["history"]
+    (output / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     start = time.perf_counter()
+
+    def save(folder: Path, step: int, with_optimizer: bool) -> None:
+        policy.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        value_model.save_pretrained(folder / "value_model")
+        (folder / "train_config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
+        state = {"step": step, "total_steps": total, "kl_coef": beta, "history": history}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if with_optimizer:
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                folder / "optimizer.pt",
+            )
 
     def batch_prompts(step: int) -> list[list[int]]:
         epoch, k = divmod(step, per_epoch)
@@ -194,7 +219,7 @@ def train_ppo(
             prompts[i].prompt for i in order[k * config.batch_size : (k + 1) * config.batch_size]
         ]
 
-    for step in range(total):
+    for step in range(first, total):
         ro = _rollout(
             batch_prompts(step), policy, reference, reward_model, value_model, reward_fn,
             config, pad, eos, device, seed=config.seed * 100003 + step,
@@ -257,18 +282,13 @@ def train_ppo(
             f.write(json.dumps(entry) + "\n")
         if on_log is not None:
             on_log(entry)
+        done = step + 1
+        if (config.save_steps and done % config.save_steps == 0) or done == stop_at:
+            save(output / f"checkpoint-{done}", done, with_optimizer=True)
+        if done == stop_at:
+            return FitResult(output, done, history)
 
-    policy.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    value_model.save_pretrained(output / "value_model")
-    (output / "train_config.yaml").write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
-    (output / "trainer_state.json").write_text(
-        json.dumps(
-            {"step": total, "total_steps": total, "kl_coef": beta, "history": history}, indent=2
-        )
-    )
+    save(output, total, with_optimizer=False)
     plot_history(history, output / "loss.png", keys=("objective/scores", "objective/kl"))
     return FitResult(output, total, history)
 
