@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,48 +22,39 @@ Resume = Annotated[
 ]
 
 
-@app.command("sft", context_settings=_EXTRA)
-def sft(
-    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
-) -> None:
-    """Supervised fine-tuning: cross-entropy on completion tokens.
-
-    Any config key can be overridden: --learning_rate 1e-4 --dataset.train data.jsonl
-    """
-    _run("sft", ctx, config, resume, verbose)
-
-
-@app.command("rm", context_settings=_EXTRA)
-def rm(
-    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
-) -> None:
-    """Reward model: Bradley-Terry loss on (prompt, chosen, rejected) pairs.
-
-    Any config key can be overridden: --learning_rate 1e-4 --dataset.train pairs.jsonl
-    """
-    _run("rm", ctx, config, resume, verbose)
-
-
-@app.command("dpo", context_settings=_EXTRA)
-def dpo(
-    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
-) -> None:
-    """Preference optimisation: DPO, IPO, hinge, robust, ORPO, SimPO or KTO (loss_type).
-
-    Any config key can be overridden: --beta 0.05 --loss_type ipo
-    """
-    _run("dpo", ctx, config, resume, verbose)
+#: one command per trainer: its one-line help, and an override example
+_COMMANDS = {
+    "sft": (
+        "Supervised fine-tuning: cross-entropy on completion tokens.",
+        "--learning_rate 1e-4 --dataset.train data.jsonl",
+    ),
+    "rm": (
+        "Reward model: Bradley-Terry loss on (prompt, chosen, rejected) pairs.",
+        "--learning_rate 1e-4 --dataset.train pairs.jsonl",
+    ),
+    "dpo": (
+        "Preference optimisation: DPO, IPO, hinge, robust, ORPO, SimPO or KTO (loss_type).",
+        "--beta 0.05 --loss_type ipo",
+    ),
+    "ppo": (
+        "RLHF with PPO: policy, frozen reference, frozen reward model, value model.",
+        "--kl_coef 0.1 --max_new_tokens 64",
+    ),
+}
 
 
-@app.command("ppo", context_settings=_EXTRA)
-def ppo(
-    ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
-) -> None:
-    """RLHF with PPO: policy, frozen reference, frozen reward model, value model.
+def _command(kind: str, summary: str, example: str) -> Callable[..., None]:
+    def command(
+        ctx: typer.Context, config: Config, resume: Resume = False, verbose: Verbose = False
+    ) -> None:
+        _run(kind, ctx, config, resume, verbose)
 
-    Any config key can be overridden: --kl_coef 0.1 --max_new_tokens 64
-    """
-    _run("ppo", ctx, config, resume, verbose)
+    command.__doc__ = f"{summary}\n\nAny config key can be overridden: {example}"
+    return command
+
+
+for _kind, (_summary, _example) in _COMMANDS.items():
+    app.command(_kind, context_settings=_EXTRA)(_command(_kind, _summary, _example))
 
 
 def _run(kind: str, ctx: typer.Context, config: Path, resume: bool, verbose: bool) -> None:
